@@ -1,0 +1,132 @@
+"""`starcast export`: checkpoint -> plain ONNX graph -> parity check -> export folder, written atomically.
+
+Everything is written into a temporary folder beside the target and renamed into place at the end, so a
+failed or interrupted export leaves no half-written folder and never damages an existing one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from starcast.errors import UserError
+from starcast.exporter.checkpoint import DTYPES, Checkpoint, load_model, open_checkpoint
+from starcast.exporter.manifest import io_signature, package_versions, write_manifest
+from starcast.exporter.onnx_export import IR_VERSION, OPSET, export_onnx
+from starcast.exporter.verify import ParityReport, check_parity
+from starcast.progress import QUIET, Progress
+
+MODEL_FILE = "model.onnx"
+
+
+class ParityError(Exception):
+    """The exported graph does not compute what the reference computes: a bug, reported with its numbers."""
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise UserError(f"{output}: already exists (pass --overwrite to replace it)")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is not a folder")
+    if not output.parent.is_dir():
+        raise UserError(f"{output.parent}: no such folder")
+
+
+@contextmanager
+def atomic_folder(output: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `output`; on success it replaces `output`, on failure it vanishes."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(
+    source: str,
+    output: Path,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    progress: Progress = QUIET,
+) -> dict[str, Any]:
+    """Export `source` (a checkpoint folder or Hub id) to `output`; returns the manifest."""
+    check_dtype(dtype)
+    output = output.expanduser().absolute()
+    check_output(output, overwrite)
+    with progress.stage("load", source):
+        checkpoint = open_checkpoint(source)
+        model = load_model(checkpoint, DTYPES[dtype])
+    with atomic_folder(output) as tmp:
+        with progress.stage("trace", f"{checkpoint.config.n_layer} layers, {dtype}"):
+            export_onnx(model, tmp / MODEL_FILE)
+        with progress.stage("save"):
+            copy_side_files(checkpoint, tmp)
+        with progress.stage("verify", "ONNX Runtime CPU vs PyTorch reference"):
+            report = check_parity(model, tmp / MODEL_FILE, dtype)
+        progress.say(report.summary())
+        if not report.passed:
+            raise ParityError(report.summary())
+        manifest = build_manifest(checkpoint, tmp, dtype, report, progress.timings)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def copy_side_files(checkpoint: Checkpoint, folder: Path) -> None:
+    shutil.copy2(checkpoint.folder / "config.json", folder / "config.json")
+    for path in checkpoint.side_files:
+        shutil.copy2(path, folder / path.name)
+
+
+def build_manifest(
+    checkpoint: Checkpoint, folder: Path, dtype: str, report: ParityReport, timings: dict[str, float]
+) -> dict[str, Any]:
+    cfg = checkpoint.config
+    return {
+        "source": str(checkpoint.folder.absolute()),
+        "model": MODEL_FILE,
+        "dtype": dtype,
+        "opset": OPSET,
+        "ir_version": IR_VERSION,
+        "config": cfg.to_hf_dict(),
+        "parameters": cfg.parameter_count(),
+        "versions": package_versions(),
+        "io": io_signature(folder / MODEL_FILE),
+        "parity": report.to_dict(),
+        "timings_s": dict(timings),
+    }
+
+
+def recheck(folder: Path, source: str | None = None, progress: Progress = QUIET) -> ParityReport:
+    """`starcast check`: verify files against the manifest, then re-run parity against the source checkpoint."""
+    from starcast.exporter.manifest import read_manifest, verify_files
+
+    folder = folder.expanduser().absolute()
+    manifest = read_manifest(folder)
+    with progress.stage("files", "sha256 against starcast.json"):
+        verify_files(folder, manifest)
+    dtype = manifest.get("dtype", "fp32")
+    check_dtype(dtype)
+    with progress.stage("load", source or manifest["source"]):
+        model = load_model(open_checkpoint(source or manifest["source"]), DTYPES[dtype])
+    with progress.stage("verify", "ONNX Runtime CPU vs PyTorch reference"):
+        report = check_parity(model, folder / manifest.get("model", MODEL_FILE), dtype)
+    progress.say(report.summary())
+    return report

@@ -1,0 +1,30 @@
+"""Stage lines with timings on stderr: `[load] 1.2 s`, so the user sees where a long export is."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Progress:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.timings: dict[str, float] = {}
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    @contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        self.say(f"[{name}] {detail}".rstrip() + " ...")
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        self.timings[name] = round(elapsed, 3)
+        self.say(f"[{name}] done in {elapsed:.1f} s")
+
+
+QUIET = Progress(enabled=False)
