@@ -19,7 +19,12 @@ from starcast.errors import UserError
 from starcast.exporter.config import GPTBigCodeConfig
 from starcast.exporter.model import GPTBigCode
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 SIDE_FILES = (
     "generation_config.json",
     "tokenizer.json",
@@ -107,7 +112,7 @@ def iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     try:
         with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 yield name, handle.get_tensor(name)
     except UserError:
         raise

@@ -70,8 +70,12 @@ class GPTBigCodeConfig:
     def from_hf_dict(cls, raw: dict[str, Any]) -> GPTBigCodeConfig:
         if raw.get("model_type") != "gpt_bigcode":
             raise UserError(f"config.json: model_type is {raw.get('model_type')!r}, expected 'gpt_bigcode'")
-        aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-                   "max_position_embeddings": "n_positions"}
+        aliases = {
+            "hidden_size": "n_embd",
+            "num_hidden_layers": "n_layer",
+            "num_attention_heads": "n_head",
+            "max_position_embeddings": "n_positions",
+        }
         raw = {aliases.get(k, k): v for k, v in raw.items()}
         names = {f.name for f in fields(cls)}
         try:
@@ -96,8 +100,9 @@ class GPTBigCodeConfig:
 # Shapes of the public checkpoints (used by benchmarks and random-weight demos).
 PRESETS: dict[str, GPTBigCodeConfig] = {
     "tiny_starcoder": GPTBigCodeConfig(vocab_size=49152, n_positions=8192, n_embd=768, n_layer=20, n_head=12),
-    "santacoder": GPTBigCodeConfig(vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16,
-                                   activation_function="gelu_fast"),
+    "santacoder": GPTBigCodeConfig(
+        vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, activation_function="gelu_fast"
+    ),
     "starcoder": GPTBigCodeConfig(vocab_size=49152, n_positions=8192, n_embd=6144, n_layer=40, n_head=48),
     "test": GPTBigCodeConfig(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
 }

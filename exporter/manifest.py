@@ -48,7 +48,8 @@ def io_signature(model_path: Path) -> dict[str, list[dict[str, Any]]]:
     def describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
         tensor = value.type.tensor_type
         shape = [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
-        return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return {"name": value.name, "dtype": dtype, "shape": shape}
 
     return {"inputs": [describe(v) for v in proto.graph.input], "outputs": [describe(v) for v in proto.graph.output]}
 
