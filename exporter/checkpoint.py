@@ -69,7 +69,10 @@ def resolve_source(source: str) -> Path:
     except HFValidationError:
         raise UserError(f"{source}: no such folder, and not a valid Hugging Face model id") from None
     except Exception as exc:  # network errors come in many types; each means the same thing to the user
-        raise UserError(f"{source}: no such folder, and the Hub download failed ({type(exc).__name__})") from None
+        reason = "offline" if "offline" in str(exc).lower() else type(exc).__name__
+        raise UserError(
+            f"{source}: no such folder, and downloading it from the Hugging Face Hub failed ({reason})"
+        ) from None
     return Path(local)
 
 

@@ -71,8 +71,8 @@ def export(
     check_dtype(dtype)
     output = output.expanduser().absolute()
     check_output(output, overwrite)
-    with progress.stage("load", source):
-        checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(source)
+    with progress.stage("load", str(checkpoint.folder)):
         model = load_model(checkpoint, DTYPES[dtype])
     with atomic_folder(output) as tmp:
         with progress.stage("trace", f"{checkpoint.config.n_layer} layers, {dtype}"):
@@ -124,8 +124,9 @@ def recheck(folder: Path, source: str | None = None, progress: Progress = QUIET)
         verify_files(folder, manifest)
     dtype = manifest.get("dtype", "fp32")
     check_dtype(dtype)
-    with progress.stage("load", source or manifest["source"]):
-        model = load_model(open_checkpoint(source or manifest["source"]), DTYPES[dtype])
+    checkpoint = open_checkpoint(source or manifest["source"])
+    with progress.stage("load", str(checkpoint.folder)):
+        model = load_model(checkpoint, DTYPES[dtype])
     with progress.stage("verify", "ONNX Runtime CPU vs PyTorch reference"):
         report = check_parity(model, folder / manifest.get("model", MODEL_FILE), dtype)
     progress.say(report.summary())

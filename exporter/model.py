@@ -160,7 +160,10 @@ class GPTBigCode(nn.Module):
         for block, layer_past in zip(tr.h, past, strict=True):
             x, present = block(x, layer_past, allowed)
             presents.append(present)
-        logits = self.lm_head(tr.ln_f(x))  # (b, s, vocab)
+        # A 2-D input makes the exporter emit Gemm(transB=1) on the stored (vocab, d) matrix; a 3-D one would fold
+        # in a transposed copy, storing a tied embedding twice.
+        b, s, d = x.shape
+        logits = self.lm_head(tr.ln_f(x).reshape(b * s, d)).view(b, s, self.config.vocab_size)
         return (logits, *presents)
 
     def empty_past(self, batch: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:

@@ -83,12 +83,39 @@ def export_onnx(model: GPTBigCode, path: Path) -> None:
                 dynamo=False,
             )
         proto = onnx.load(str(traced), load_external_data=True)
+        if cfg.tie_word_embeddings:
+            share_tied_embedding(proto)
         proto.ir_version = IR_VERSION
         proto.producer_name = "starcast"
         proto.graph.name = "gpt_bigcode"
         save_model(proto, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def share_tied_embedding(proto: onnx.ModelProto) -> None:
+    """Make the lm_head read the token embedding itself instead of a transposed copy.
+
+    The exporter turns `Linear` into MatMul against a constant-folded transposed weight; for a tied head that
+    stores the largest matrix twice. Gemm(transB=1) reads the (vocab, d) embedding as it is.
+    """
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    embedding = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    head = next(
+        n
+        for n in reversed(graph.node)
+        if n.op_type == "MatMul"
+        and n.input[1] in initializers
+        and list(initializers[n.input[1]].dims)[::-1] == list(initializers[embedding].dims)
+    )
+    copy = head.input[1]
+    gemm = onnx.helper.make_node("Gemm", [head.input[0], embedding], list(head.output), name="lm_head/Gemm", transB=1)
+    position = list(graph.node).index(head)
+    graph.node.remove(head)
+    graph.node.insert(position, gemm)
+    if not any(copy in n.input for n in graph.node):
+        graph.initializer.remove(initializers[copy])
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:

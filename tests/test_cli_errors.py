@@ -1,0 +1,122 @@
+"""Every user error is one line on stderr naming the problem, exit code 2, and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import save_hf_checkpoint
+from safetensors.torch import load_file, save_file
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def starcast(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "starcast", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def assert_user_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("starcast: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # stage lines may come before, nothing after
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    folder, _ = save_hf_checkpoint(tmp_path / "ckpt")
+    return folder
+
+
+def test_missing_folder(tmp_path):
+    assert_user_error(starcast("export", tmp_path / "nope", tmp_path / "out"), "nope", "no such folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path):
+    assert_user_error(starcast("export", "bigcode/tiny_starcoder_py", tmp_path / "out"), "bigcode/tiny_starcoder_py")
+
+
+def test_wrong_model_type(ckpt, tmp_path):
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert_user_error(starcast("export", ckpt, tmp_path / "out"), "model_type", "llama")
+
+
+def test_missing_tensor(ckpt, tmp_path):
+    state = load_file(ckpt / "model.safetensors")
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert_user_error(starcast("export", ckpt, tmp_path / "out"), "missing", "transformer.h.1.mlp.c_fc.weight")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_misshapen_tensor(ckpt, tmp_path):
+    state = load_file(ckpt / "model.safetensors")
+    state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"][:, :-1].contiguous()
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert_user_error(starcast("export", ckpt, tmp_path / "out"), "transformer.h.0.attn.c_attn.weight", "shape")
+
+
+def test_truncated_safetensors(ckpt, tmp_path):
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_user_error(starcast("export", ckpt, tmp_path / "out"), "model.safetensors", "corrupt or truncated")
+
+
+def test_no_weights(ckpt, tmp_path):
+    (ckpt / "model.safetensors").unlink()
+    assert_user_error(starcast("export", ckpt, tmp_path / "out"), "no weights")
+
+
+def test_unsupported_dtype(ckpt, tmp_path):
+    assert_user_error(starcast("export", ckpt, tmp_path / "out", "--dtype", "int3"), "int3")
+
+
+def test_existing_output_is_refused_and_untouched(ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert_user_error(starcast("export", ckpt, out), "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_failed_overwrite_keeps_previous_export(ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert starcast("export", ckpt, out).returncode == 0
+    before = (out / "starcast.json").read_text()
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[:1000])
+    assert_user_error(starcast("export", ckpt, out, "--overwrite"), "corrupt or truncated")
+    assert (out / "starcast.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+
+
+def test_check_on_a_folder_that_is_not_an_export(ckpt):
+    assert_user_error(starcast("check", ckpt), "not a starcast export")
+
+
+def test_unknown_option_is_one_line(ckpt, tmp_path):
+    assert_user_error(starcast("export", ckpt, tmp_path / "out", "--frobnicate"), "--frobnicate")
+
+
+def test_export_and_check_succeed_from_the_command_line(ckpt, tmp_path):
+    result = starcast("export", ckpt, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    for stage in ("[load]", "[trace]", "[save]", "[verify]", "parity ok"):
+        assert stage in result.stderr
+    result = starcast("check", tmp_path / "out")
+    assert result.returncode == 0 and "parity ok" in result.stdout
