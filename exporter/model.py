@@ -61,22 +61,23 @@ class Attention(nn.Module):
         self, x: torch.Tensor, layer_past: torch.Tensor, allowed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        b, s, d = x.shape
-        hd = cfg.head_dim
+        # Sizes known from the config are Python ints, so the traced graph has constant Split sizes and reshapes.
+        d, nh, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+        b, s = x.shape[0], x.shape[1]
         qkv = self.c_attn(x)  # (b, s, d + 2*kv_dim)
         if cfg.multi_query:
             query, key_value = qkv.split((d, 2 * hd), dim=2)  # (b, s, d), (b, s, 2*hd)
             key_value = torch.cat((layer_past, key_value), dim=1)  # (b, t, 2*hd)
             key, value = key_value.split((hd, hd), dim=-1)  # (b, t, hd) each
             # All query heads share one key head: fold heads into the rows of one batched MatMul.
-            query = query.reshape(b, s * cfg.n_head, hd)  # (b, s*nh, hd)
+            query = query.reshape(b, -1, hd)  # (b, s*nh, hd)
             scores = torch.matmul(query, key.transpose(1, 2))  # (b, s*nh, t)
-            scores = scores.view(b, s, cfg.n_head, -1)  # (b, s, nh, t)
+            scores = scores.view(b, s, nh, -1)  # (b, s, nh, t)
             probs = self.softmax(scores, allowed.unsqueeze(2))  # allowed (b, s, 1, t)
-            out = torch.matmul(probs.view(b, s * cfg.n_head, -1), value)  # (b, s*nh, hd)
+            out = torch.matmul(probs.view(b, s * nh, -1), value)  # (b, s*nh, hd)
             out = out.view(b, s, d)
         else:
-            qkv = qkv.view(b, s, cfg.n_head, 3 * hd).transpose(1, 2)  # (b, nh, s, 3*hd)
+            qkv = qkv.view(b, s, nh, 3 * hd).transpose(1, 2)  # (b, nh, s, 3*hd)
             query, key_value = qkv.split((hd, 2 * hd), dim=3)  # (b, nh, s, hd), (b, nh, s, 2*hd)
             key_value = torch.cat((layer_past, key_value), dim=2)  # (b, nh, t, 2*hd)
             key, value = key_value.split((hd, hd), dim=-1)
