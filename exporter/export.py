@@ -65,10 +65,17 @@ def export(
     output: Path,
     dtype: str = "fp32",
     overwrite: bool = False,
+    fuse_target: str | None = "cpu",
     progress: Progress = QUIET,
 ) -> dict[str, Any]:
-    """Export `source` (a checkpoint folder or Hub id) to `output`; returns the manifest."""
+    """Export `source` (a checkpoint folder or Hub id) to `output`, plus a fused graph for `fuse_target` unless
+    it is None; returns the manifest."""
     check_dtype(dtype)
+    if fuse_target is not None:
+        from starcast.graphs.fuse import TARGETS
+
+        if fuse_target not in TARGETS:
+            raise UserError(f"unknown target {fuse_target!r} (supported: {', '.join(TARGETS)})")
     output = output.expanduser().absolute()
     check_output(output, overwrite)
     checkpoint = open_checkpoint(source)
@@ -85,6 +92,11 @@ def export(
         if not report.passed:
             raise ParityError(report.summary())
         manifest = build_manifest(checkpoint, tmp, dtype, report, progress.timings)
+        if fuse_target is not None:
+            from starcast.graphs.optimize import write_fused
+
+            manifest["fused"] = write_fused(tmp, manifest, fuse_target, progress)
+            manifest["timings_s"] = dict(progress.timings)
         write_manifest(tmp, manifest)
     return manifest
 

@@ -128,5 +128,11 @@ def group_query_attention(op, cfg: GPTBigCodeConfig, layer: dict, query, key, va
 
 def attention_rules(config: GPTBigCodeConfig, layer_inputs: dict, upcast: bool) -> pattern.RewriteRuleSet:
     rule = MultiQueryAttentionToGQA if config.multi_query else MultiHeadAttentionToGQA
-    unscale = upcast and config.scale_attention_softmax_in_fp32
-    return pattern.RewriteRuleSet([rule.rule(rule.__name__, config, layer_inputs, upcast, unscale)])
+    # With scale_attention_softmax_in_fp32, fp16 graphs multiply back by (layer + 1) in fp32: every layer but the
+    # first, where the factor is 1 and the exporter emits no Mul.
+    variants = [(upcast, False)]
+    if upcast and config.scale_attention_softmax_in_fp32:
+        variants.insert(0, (True, True))
+    return pattern.RewriteRuleSet(
+        [rule.rule(f"{rule.__name__}{'_unscale' * u}", config, layer_inputs, c, u) for c, u in variants]
+    )

@@ -5,7 +5,7 @@ to a different chain of elementwise ops; all compute 0.5·x·(1 + tanh(√(2/π)
   gelu_pytorch_tanh  x·x·x cubed by two Muls       -> FastGelu
   gelu_new           Pow(x, 3)                      -> FastGelu
   gelu_fast          x·√(2/π)·(1 + 0.044715·x·x)     -> FastGelu
-and the exact form 0.5·x·(1 + erf(x/√2)) (`gelu`)   -> Gelu (onnxscript's rule).
+and the exact form 0.5·x·(1 + erf(x/√2)) (`gelu`)   -> Gelu.
 Then the c_fc bias Add in front folds into the op: FastGelu(x + b) -> FastGelu(x, b), Gelu(x + b) -> BiasGelu.
 """
 
@@ -15,10 +15,16 @@ import math
 
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions.bias_gelu import BiasGeluFusion
-from onnxscript.rewriter.ort_fusions.gelu import GeluErfFusion
 
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 MS = "com.microsoft"
+
+
+def near(value: float) -> pattern.Constant:
+    """A scalar constant matched to fp16 precision, so that fp16 graphs fuse like fp32 ones."""
+    return pattern.Constant(value, rel_tol=2e-3, abs_tol=1e-6)
+
+
+SQRT_2_OVER_PI, CUBIC, HALF, ONE, SQRT_2 = map(near, (math.sqrt(2.0 / math.pi), 0.044715, 0.5, 1.0, math.sqrt(2.0)))
 
 
 class GeluTanhCubedByMul(pattern.RewriteRuleClassBase):
@@ -26,8 +32,8 @@ class GeluTanhCubedByMul(pattern.RewriteRuleClassBase):
 
     def pattern(self, op, x):
         cube = op.Mul(x, op.Mul(x, x))
-        inner = op.Mul(SQRT_2_OVER_PI, op.Add(x, op.Mul(0.044715, cube)))
-        return op.Mul(0.5, op.Mul(x, op.Add(1.0, op.Tanh(inner))))
+        inner = op.Mul(SQRT_2_OVER_PI, op.Add(x, op.Mul(CUBIC, cube)))
+        return op.Mul(HALF, op.Mul(x, op.Add(ONE, op.Tanh(inner))))
 
     def rewrite(self, op, x):
         return op.FastGelu(x, _domain=MS)
@@ -37,8 +43,8 @@ class GeluTanhCubedByPow(pattern.RewriteRuleClassBase):
     """gelu_new: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x^3)))."""
 
     def pattern(self, op, x):
-        inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, 3.0), 0.044715)), SQRT_2_OVER_PI)
-        return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
+        inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, 3.0), CUBIC)), SQRT_2_OVER_PI)
+        return op.Mul(op.Mul(x, HALF), op.Add(op.Tanh(inner), ONE))
 
     def rewrite(self, op, x):
         return op.FastGelu(x, _domain=MS)
@@ -48,11 +54,21 @@ class GeluTanhFactored(pattern.RewriteRuleClassBase):
     """gelu_fast: 0.5·x·(1 + tanh(x·0.7978845608·(1 + 0.044715·x·x)))."""
 
     def pattern(self, op, x):
-        inner = op.Mul(op.Mul(x, SQRT_2_OVER_PI), op.Add(op.Mul(op.Mul(x, 0.044715), x), 1.0))
-        return op.Mul(op.Mul(x, 0.5), op.Add(op.Tanh(inner), 1.0))
+        inner = op.Mul(op.Mul(x, SQRT_2_OVER_PI), op.Add(op.Mul(op.Mul(x, CUBIC), x), ONE))
+        return op.Mul(op.Mul(x, HALF), op.Add(op.Tanh(inner), ONE))
 
     def rewrite(self, op, x):
         return op.FastGelu(x, _domain=MS)
+
+
+class GeluErf(pattern.RewriteRuleClassBase):
+    """gelu: 0.5·x·(1 + erf(x/√2)) -> Gelu (onnxscript's rule, with constants matched to fp16 precision)."""
+
+    def pattern(self, op, x):
+        return op.Mul(op.Mul(x, op.Add(op.Erf(op.Div(x, SQRT_2)), ONE)), HALF)
+
+    def rewrite(self, op, x):
+        return op.Gelu(x, _domain=MS)
 
 
 class FastGeluBias(pattern.RewriteRuleClassBase):
@@ -76,7 +92,7 @@ gelu_rules = pattern.RewriteRuleSet(
         *GeluTanhCubedByMul.rule().commute(),
         *GeluTanhCubedByPow.rule().commute(),
         *GeluTanhFactored.rule().commute(),
-        GeluErfFusion.rule(),
+        GeluErf.rule(),
     ]
 )
 gelu_bias_rules = pattern.RewriteRuleSet(

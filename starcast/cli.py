@@ -23,14 +23,38 @@ def cli() -> None:
 @click.argument("model")
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option("--dtype", default="fp32", show_default=True, help="Weights and activations: fp32 or fp16.")
+@click.option("--target", default="cpu", show_default=True, help="Fuse for this provider: cpu or cuda.")
+@click.option("--no-fuse", is_flag=True, help="Write only the plain graph.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No stage lines on stderr.")
-def export_command(model: str, output_dir: Path, dtype: str, overwrite: bool, quiet: bool) -> None:
+def export_command(
+    model: str, output_dir: Path, dtype: str, target: str, no_fuse: bool, overwrite: bool, quiet: bool
+) -> None:
     """Export MODEL (a checkpoint folder or Hub id) to OUTPUT_DIR as ONNX, verified against PyTorch."""
     from starcast.exporter.export import export
 
-    manifest = export(model, output_dir, dtype=dtype, overwrite=overwrite, progress=Progress(not quiet))
-    click.echo(f"exported {manifest['parameters'] / 1e6:.1f}M parameters ({dtype}) to {output_dir}")
+    fuse_target = None if no_fuse else target
+    manifest = export(model, output_dir, dtype, overwrite, fuse_target, progress=Progress(not quiet))
+    fused = f" + fused graph for {target}" if fuse_target else ""
+    click.echo(f"exported {manifest['parameters'] / 1e6:.1f}M parameters ({dtype}){fused} to {output_dir}")
+
+
+@cli.command("optimize")
+@click.argument("plain_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--target", default="cpu", show_default=True, help="Fuse for this provider: cpu or cuda.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: bool) -> None:
+    """Fuse an existing plain export into OUTPUT_DIR (PLAIN_DIR is left untouched)."""
+    from starcast.graphs.optimize import optimize_export
+
+    manifest = optimize_export(plain_dir, output_dir, target, overwrite, progress=Progress())
+    fused = manifest["fused"]
+    click.echo(
+        f"fused for {target}: {fused['nodes']['before']} -> {fused['nodes']['after']} nodes "
+        f"({fused['nodes_per_layer']['before']} -> {fused['nodes_per_layer']['after']} per layer), "
+        f"fused ops {fused['fused_ops']}, written to {output_dir}"
+    )
 
 
 @cli.command("check")

@@ -50,7 +50,7 @@ def reference_steps(model, ids, mask, steps):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_onnx_matches_reference_fp32(tmp_path, variant):
     folder, _ = save_hf_checkpoint(tmp_path / "ckpt", **VARIANTS[variant])
-    manifest = export(str(folder), tmp_path / "out")
+    manifest = export(str(folder), tmp_path / "out", fuse_target=None)
     assert manifest["parity"]["passed"]
     model = load_model(open_checkpoint(str(folder)))
     ids, mask = left_padded_batch(96, [6, 3, 1])
@@ -62,7 +62,7 @@ def test_onnx_matches_reference_fp32(tmp_path, variant):
 
 def test_onnx_matches_transformers_directly(checkpoint, tmp_path):
     folder, hf = checkpoint
-    export(str(folder), tmp_path / "out")
+    export(str(folder), tmp_path / "out", fuse_target=None)
     ids, mask = left_padded_batch(96, [5, 2])
     (logits, valid), *_ = run_steps(tmp_path / "out", ids, mask, 0)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_onnx_matches_transformers_directly(checkpoint, tmp_path):
 @pytest.mark.parametrize("multi_query", [True, False])
 def test_fp16_export_loads_in_onnxruntime_and_matches(tmp_path, multi_query):
     folder, _ = save_hf_checkpoint(tmp_path / "ckpt", multi_query=multi_query)
-    manifest = export(str(folder), tmp_path / "out", dtype="fp16")
+    manifest = export(str(folder), tmp_path / "out", dtype="fp16", fuse_target=None)
     parity = manifest["parity"]
     assert parity["passed"] and parity["kind"] == "rel" and parity["prompt_error"] < 2e-2
     proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
@@ -94,7 +94,7 @@ def test_fp16_export_loads_in_onnxruntime_and_matches(tmp_path, multi_query):
 
 def test_plain_graph_contract(checkpoint, tmp_path):
     folder, _ = checkpoint
-    manifest = export(str(folder), tmp_path / "out")
+    manifest = export(str(folder), tmp_path / "out", fuse_target=None)
     proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert proto.opset_import[0].version == 17 and proto.ir_version == 10
     assert {node.domain for node in proto.graph.node} <= {""}  # standard ONNX only
@@ -117,14 +117,15 @@ def test_manifest_records_versions_hashes_and_parity(checkpoint, tmp_path):
     export(str(folder), tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "starcast.json").read_text())
     assert set(manifest["versions"]) >= {"starcast", "torch", "onnx", "onnxruntime"}
-    assert set(manifest["files"]) == {"model.onnx", "config.json", "generation_config.json"}
+    assert set(manifest["files"]) == {"model.onnx", "fused/model.onnx", "config.json", "generation_config.json"}
+    assert manifest["fused"]["target"] == "cpu" and manifest["fused"]["parity"]["passed"]
     assert manifest["parity"]["passed"] and manifest["parity"]["tolerance"] == 1e-4
     assert manifest["config"]["n_layer"] == 2 and manifest["dtype"] == "fp32"
 
 
 def test_check_reruns_parity_and_detects_modified_files(checkpoint, tmp_path):
     folder, _ = checkpoint
-    export(str(folder), tmp_path / "out")
+    export(str(folder), tmp_path / "out", fuse_target=None)
     assert recheck(tmp_path / "out").passed
     with open(tmp_path / "out" / "model.onnx", "ab") as handle:
         handle.write(b"\0")
@@ -160,8 +161,8 @@ def test_safetensors_preferred_over_bin(tmp_path):
 def test_overwrite_replaces_export(checkpoint, tmp_path):
     folder, _ = checkpoint
     out = tmp_path / "out"
-    export(str(folder), out)
+    export(str(folder), out, fuse_target=None)
     (out / "stale.txt").write_text("from before")
-    export(str(folder), out, overwrite=True)
+    export(str(folder), out, overwrite=True, fuse_target=None)
     assert not (out / "stale.txt").exists() and (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no temporary folders left

@@ -1,0 +1,77 @@
+"""The KV cache: one allocation for every layer, on the device the model runs on, bound by address.
+
+Nothing is allocated per step and nothing of the cache ever crosses to the host: each step binds per-layer
+views (a base address plus an offset) into the one buffer with IOBinding.
+
+- Concat-cache graphs (the plain graph, the cpu-fused graph): present = Concat(past, new) has a different
+  length every step, so the buffer holds two sides; a step reads side A (shape [batch, past, ...]) and writes
+  side B ([batch, past + seq, ...]), then the sides swap.
+- Static-cache graphs (the cuda-fused graph, GroupQueryAttention): per layer a key and a value buffer of the
+  maximum length; past and present are bound to the same address and the op writes the new positions in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+
+import numpy as np
+import onnxruntime as ort
+
+
+class DeviceBuffer:
+    """`parts` equal, contiguous regions of `part_elements` each, in one OrtValue on `device`."""
+
+    def __init__(self, parts: int, part_elements: int, dtype: np.dtype, device: str):
+        self.dtype = np.dtype(dtype)
+        self.device = device
+        self.part_elements = part_elements
+        self.value = ort.OrtValue.ortvalue_from_shape_and_type([parts * part_elements], self.dtype, device, 0)
+        self.base = self.value.data_ptr()
+
+    def address(self, part: int) -> int:
+        return self.base + part * self.part_elements * self.dtype.itemsize
+
+    def bind_input(self, binding: ort.IOBinding, name: str, part: int, shape: Sequence[int]) -> None:
+        assert prod(shape) <= self.part_elements, (name, shape)
+        binding.bind_input(name, self.device, 0, self.dtype, list(shape), self.address(part))
+
+    def bind_output(self, binding: ort.IOBinding, name: str, part: int, shape: Sequence[int]) -> None:
+        assert prod(shape) <= self.part_elements, (name, shape)
+        binding.bind_output(name, self.device, 0, self.dtype, list(shape), self.address(part))
+
+
+class ConcatCache:
+    """Ping-pong buffers for graphs whose present = Concat(past, new): past_key_values.{i}.key_value."""
+
+    def __init__(self, n_layer: int, shape_at, max_length: int, dtype: np.dtype, device: str):
+        self.n_layer, self.shape_at, self.max_length = n_layer, shape_at, max_length
+        self.buffer = DeviceBuffer(2 * n_layer, prod(shape_at(max_length)), dtype, device)
+        self.side = 0
+        self.length = 0
+
+    def reset(self) -> None:
+        self.side, self.length = 0, 0
+
+    def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
+        past, present = self.shape_at(self.length), self.shape_at(self.length + new_tokens)
+        for i in range(self.n_layer):
+            self.buffer.bind_input(binding, f"past_key_values.{i}.key_value", self.side * self.n_layer + i, past)
+            self.buffer.bind_output(binding, f"present.{i}.key_value", (1 - self.side) * self.n_layer + i, present)
+
+    def advance(self, new_tokens: int) -> None:
+        self.side, self.length = 1 - self.side, self.length + new_tokens
+
+
+class StaticCache:
+    """In-place key and value buffers of the maximum length, for GroupQueryAttention graphs."""
+
+    def __init__(self, n_layer: int, shape: tuple[int, ...], dtype: np.dtype, device: str):
+        self.n_layer, self.shape = n_layer, shape
+        self.buffer = DeviceBuffer(2 * n_layer, prod(shape), dtype, device)
+
+    def bind(self, binding: ort.IOBinding) -> None:
+        for i in range(self.n_layer):
+            for j, part in enumerate(("key", "value")):
+                self.buffer.bind_input(binding, f"past_key_values.{i}.{part}", 2 * i + j, self.shape)
+                self.buffer.bind_output(binding, f"present.{i}.{part}", 2 * i + j, self.shape)
