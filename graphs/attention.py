@@ -36,24 +36,31 @@ def masked_softmax(op, scores, allowed, mask_value, upcast: bool, unscale: bool)
     return op.Cast(probs, _allow_other_attributes=True) if upcast else probs
 
 
-class MultiQueryAttentionToGQA(pattern.RewriteRuleClassBase):
-    """One layer of the plain graph's attention, multi_query=True, -> GroupQueryAttention(kv_num_heads=1)."""
+class AttentionToGQA(pattern.RewriteRuleClassBase):
+    """What both layouts share: the configuration, the layer lookup and the scale check."""
 
     def __init__(self, name: str, config: GPTBigCodeConfig, layer_inputs: dict, upcast: bool, unscale: bool):
         super().__init__(name, remove_nodes=True)
         self.config, self.layer_inputs, self.upcast, self.unscale = config, layer_inputs, upcast, unscale
+        self.scaled = config.scale_attn_weights or unscale  # a scale of exactly 1.0 is folded away by the exporter
+
+    def check(self, context, past, scale=None, **captured):
+        return check_layer(self.config, self.layer_inputs, past, scale)
+
+
+class MultiQueryAttentionToGQA(AttentionToGQA):
+    """One layer of the plain graph's attention, multi_query=True, -> GroupQueryAttention(kv_num_heads=1)."""
 
     def pattern(self, op, qkv, past, allowed, mask_value, scale):
         query, new_kv = op.Split(qkv, pattern.ANY_VALUE, axis=2, _outputs=2)
         key, value = op.Split(op.Concat(past, new_kv, axis=1), pattern.ANY_VALUE, axis=-1, _outputs=2)
         scores = op.MatMul(op.Reshape(query, pattern.ANY_VALUE), op.Transpose(key, perm=[0, 2, 1]))
-        scores = op.Mul(op.Reshape(scores, pattern.ANY_VALUE), scale)
+        scores = op.Reshape(scores, pattern.ANY_VALUE)
+        if self.scaled:
+            scores = op.Mul(scores, scale)
         probs = masked_softmax(op, scores, allowed, mask_value, self.upcast, self.unscale)
         out = op.MatMul(op.Reshape(probs, pattern.ANY_VALUE), value)
         return op.Reshape(out, pattern.ANY_VALUE)
-
-    def check(self, context, past, scale, **captured):
-        return check_layer(self.config, self.layer_inputs, past, scale)
 
     def rewrite(self, op, qkv, past, **captured):
         cfg = self.config
@@ -62,23 +69,18 @@ class MultiQueryAttentionToGQA(pattern.RewriteRuleClassBase):
         return group_query_attention(op, cfg, self.layer_inputs[past.name], query, key, value)
 
 
-class MultiHeadAttentionToGQA(pattern.RewriteRuleClassBase):
+class MultiHeadAttentionToGQA(AttentionToGQA):
     """One layer of the plain graph's attention, multi_query=False, -> GroupQueryAttention(kv_num_heads=n_head)."""
-
-    def __init__(self, name: str, config: GPTBigCodeConfig, layer_inputs: dict, upcast: bool, unscale: bool):
-        super().__init__(name, remove_nodes=True)
-        self.config, self.layer_inputs, self.upcast, self.unscale = config, layer_inputs, upcast, unscale
 
     def pattern(self, op, qkv, past, allowed, mask_value, scale):
         heads = op.Transpose(op.Reshape(qkv, pattern.ANY_VALUE), perm=[0, 2, 1, 3])
         query, new_kv = op.Split(heads, pattern.ANY_VALUE, axis=3, _outputs=2)
         key, value = op.Split(op.Concat(past, new_kv, axis=2), pattern.ANY_VALUE, axis=-1, _outputs=2)
-        scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])), scale)
+        scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2]))
+        if self.scaled:
+            scores = op.Mul(scores, scale)
         probs = masked_softmax(op, scores, allowed, mask_value, self.upcast, self.unscale)
         return op.Reshape(op.Transpose(op.MatMul(probs, value), perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
-
-    def check(self, context, past, scale, **captured):
-        return check_layer(self.config, self.layer_inputs, past, scale)
 
     def rewrite(self, op, qkv, past, **captured):
         cfg = self.config
@@ -93,10 +95,14 @@ def true_scale(cfg: GPTBigCodeConfig) -> float:
     return cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
 
 
-def check_layer(cfg: GPTBigCodeConfig, layer_inputs: dict, past: ir.Value, scale: ir.Value) -> pattern.MatchResult:
+def check_layer(
+    cfg: GPTBigCodeConfig, layer_inputs: dict, past: ir.Value, scale: ir.Value | None
+) -> pattern.MatchResult:
     result = pattern.MatchResult()
     if past.name not in layer_inputs:
         return result.fail(f"{past.name} is not a past_key_values graph input")
+    if scale is None:
+        return result if true_scale(cfg) == 1.0 else result.fail("no attention scale, but the config scales")
     if scale.const_value is None or scale.const_value.size != 1:
         return result.fail("attention scale is not a scalar constant")
     # fp16 graphs with scale_attention_softmax_in_fp32 trace scale / (layer + 1) and multiply (layer + 1) back in
