@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import re
 from pathlib import Path
 
 import onnxruntime as ort
@@ -29,8 +31,10 @@ def create_session(
     if profile:
         options.enable_profiling = True
     providers: list = [PROVIDERS[provider]]
+    missing: list[str] = []
     if provider == "cuda":
-        preload_cuda_libraries()
+        missing = preload_cuda_libraries()
+        ort.set_default_logger_severity(4)  # the fallback below is reported as one line, not ORT's log
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise UserError(
                 "provider 'cuda': this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
@@ -45,17 +49,21 @@ def create_session(
         raise UserError(f"{path}: ONNX Runtime cannot load the model ({str(exc).splitlines()[0][:300]})") from None
     if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         # onnxruntime-gpu falls back to CPU silently when libcudart/libcublas/libcudnn cannot be loaded.
+        what = f"missing {', '.join(missing)}" if missing else "no usable GPU or CUDA/cuDNN libraries"
         raise UserError(
-            "provider 'cuda': ONNX Runtime could not load its CUDA provider (no GPU, or the CUDA 12/13 and cuDNN "
-            "libraries are missing: install torch with CUDA or nvidia-cudnn/nvidia-cublas wheels) and fell back to CPU"
+            f"provider 'cuda': ONNX Runtime could not load its CUDA provider ({what}; onnxruntime-gpu "
+            f"{ort.__version__} needs CUDA and cuDNN 9, e.g. from torch's CUDA build) and would fall back to CPU"
         )
     return session
 
 
-def preload_cuda_libraries() -> None:
-    """Load CUDA/cuDNN from the pip packages (torch's nvidia-* wheels) where onnxruntime can find them."""
+def preload_cuda_libraries() -> list[str]:
+    """Load CUDA/cuDNN from pip packages (torch's nvidia-* wheels) where onnxruntime finds them; returns what
+    could not be loaded."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
-        return
-    with contextlib.suppress(Exception):  # nothing to preload is fine; the provider check reports what is missing
+        return []
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), contextlib.suppress(Exception):
         preload()
+    return sorted(set(re.findall(r"Failed to load (\S+?):", log.getvalue())))

@@ -70,6 +70,61 @@ def check_command(export_dir: Path, source: str | None) -> None:
     click.echo(f"{export_dir}: {report.summary()}")
 
 
+@cli.command("generate")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Text to continue (needs the export's tokenizer.json).")
+@click.option("--ids", help="Comma-separated token ids to continue, instead of --prompt.")
+@click.option("--fim-suffix", help="Fill in the middle: --prompt is the prefix, this the suffix.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop before this string (repeatable).")
+@click.option("--stream", is_flag=True, help="Print text as it is decoded.")
+@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option(
+    "--graph", default="auto", show_default=True, help="auto (fused when it fits the provider), plain, fused."
+)
+def generate_command(
+    export_dir: Path,
+    prompt: str | None,
+    ids: str | None,
+    fim_suffix: str | None,
+    max_new_tokens: int,
+    stop_strings: tuple[str, ...],
+    stream: bool,
+    provider: str,
+    graph: str,
+    **sampling,
+) -> None:
+    """Generate from EXPORT_DIR: text with --prompt, token ids with --ids."""
+    from starcast.runtime.generator import Generator
+
+    if (prompt is None) == (ids is None):
+        raise UserError("give exactly one of --prompt and --ids")
+    generator = Generator.from_pretrained(export_dir, provider=provider, graph=graph)
+    if ids is not None:
+        try:
+            tokens = [int(t) for t in ids.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--ids: not a comma-separated list of integers: {ids!r}") from None
+        out = generator.generate([tokens], max_new_tokens=max_new_tokens, **sampling)
+        click.echo(",".join(map(str, out[0])))
+        return
+    if fim_suffix is not None:
+        prompt = generator.require_tokenizer().fim_prompt(prompt, fim_suffix)
+    pieces = generator.stream(prompt, max_new_tokens, list(stop_strings), **sampling)
+    if stream:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
+    else:
+        click.echo("".join(pieces))
+
+
 @cli.command("demo")
 @click.option("--output", type=click.Path(path_type=Path), help="Keep the export here (default: a temporary folder).")
 def demo_command(output: Path | None) -> None:

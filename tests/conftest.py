@@ -10,7 +10,7 @@ import torch
 from transformers import GPTBigCodeConfig as HFConfig
 from transformers import GPTBigCodeForCausalLM
 
-TINY = dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+TINY = dict(vocab_size=96, n_positions=128, n_embd=32, n_layer=2, n_head=4)
 
 # name -> GPTBigCodeConfig overrides; together they cover every field that changes the math.
 VARIANTS = {

@@ -1,0 +1,87 @@
+"""Choosing the next token from the last position's logits: greedy, or sampled as transformers samples.
+
+The processors run in transformers' order: repetition penalty, temperature, top-k, top-p. A seed makes
+sampling reproducible (numpy's PCG64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from starcast.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0 (got {self.temperature}); use greedy decoding instead")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty as transformers applies it: seen tokens' positive logits / penalty, negative ones * penalty."""
+    rows = np.arange(logits.shape[0])[:, None]
+    seen = logits[rows, history]
+    logits[rows, history] = np.where(seen < 0, seen * penalty, seen / penalty)
+    return logits
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of tokens whose probability adds up to at least p (always at least one)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    probs = softmax(sorted_logits)
+    cumulative = np.cumsum(probs, axis=-1)
+    remove_sorted = cumulative - probs >= p  # tokens after the set already reached p
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class TokenChooser:
+    def __init__(self, options: SamplingOptions):
+        self.options = options
+        self.rng = np.random.default_rng(options.seed)
+
+    def __call__(self, logits: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """logits [batch, vocab] (any float dtype), history [batch, tokens so far] -> next ids [batch]."""
+        opts = self.options
+        logits = logits.astype(np.float32, copy=True)
+        if opts.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, history, opts.repetition_penalty)
+        if not opts.do_sample:
+            return logits.argmax(axis=-1)
+        logits = top_p_filter(top_k_filter(logits / opts.temperature, opts.top_k), opts.top_p)
+        probs = softmax(logits.astype(np.float64))
+        draws = self.rng.random((probs.shape[0], 1))
+        return np.minimum((probs.cumsum(axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1)
