@@ -27,6 +27,7 @@ class DeviceBuffer:
         self.device = device
         self.part_elements = part_elements
         self.value = ort.OrtValue.ortvalue_from_shape_and_type([parts * part_elements], self.dtype, device, 0)
+        self.value.update_inplace(np.zeros(parts * part_elements, self.dtype))  # no stale memory, ever
         self.base = self.value.data_ptr()
 
     def address(self, part: int) -> int:

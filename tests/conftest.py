@@ -61,3 +61,36 @@ def left_padded_batch(vocab: int, lengths: list[int], seed: int = 1) -> tuple[np
         ids[row, width - length :] = rng.integers(1, vocab, size=length)
         mask[row, width - length :] = 1
     return ids, mask
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "print('héllo wörld, 中文, naïve café 😀')\n",
+    "for i in range(10):\n    print(i * i)\n",
+]
+
+
+def write_tokenizer(folder: Path) -> int:
+    """A byte-level BPE tokenizer with StarCoder's special tokens; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return tokenizer.get_vocab_size()
+
+
+def save_checkpoint_with_tokenizer(folder: Path, **overrides) -> tuple[Path, GPTBigCodeForCausalLM]:
+    vocab = write_tokenizer(folder)
+    return save_hf_checkpoint(folder, vocab_size=vocab, bos_token_id=0, eos_token_id=0, **overrides)
