@@ -51,7 +51,7 @@ class Generator:
         self.graph_file = fused["model"] if use_fused else manifest.get("model", "model.onnx")
         self.interface = fused["interface"] if use_fused else "concat-cache"
         self.cuda_graph = cuda_graph and provider == "cuda" and self.interface == "static-cache"
-        self.session = create_session(folder / self.graph_file, provider, threads)
+        self.session = create_session(folder / self.graph_file, provider, threads, cuda_graph=self.cuda_graph)
         self.tokenizer = Tokenizer.from_export(folder)
         self.eos_token_id = read_eos(folder, self.config)
         self._steps: dict[int, ConcatCacheSteps | StaticCacheSteps] = {}
@@ -82,9 +82,12 @@ class Generator:
     def steps(self, batch: int) -> ConcatCacheSteps | StaticCacheSteps:
         """The prefill/decode driver for this batch size, with its cache buffer (allocated once)."""
         if batch not in self._steps:
-            kind = StaticCacheSteps if self.interface == "static-cache" else ConcatCacheSteps
             device = device_of(self.provider)
-            self._steps[batch] = kind(self.session, self.config, batch, self.max_length, self.dtype, device)
+            args = (self.session, self.config, batch, self.max_length, self.dtype, device)
+            if self.interface == "static-cache":
+                self._steps[batch] = StaticCacheSteps(*args, cuda_graph=self.cuda_graph)
+            else:
+                self._steps[batch] = ConcatCacheSteps(*args)
         return self._steps[batch]
 
     def validate(self, input_ids: Any, attention_mask: Any, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:

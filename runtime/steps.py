@@ -73,6 +73,11 @@ class ConcatCacheSteps:
 
 
 class StaticCacheSteps:
+    """GroupQueryAttention graphs. The decode step has static shapes and fixed input addresses (its inputs live
+    in device buffers updated in place, total_sequence_length is the buffer length, masking comes from
+    seqlens_k), which is what CUDA graph capture needs; on CUDA the session replays one captured graph per
+    batch size."""
+
     def __init__(
         self,
         session: ort.InferenceSession,
@@ -81,13 +86,26 @@ class StaticCacheSteps:
         max_length: int,
         dtype: np.dtype,
         device: str,
+        cuda_graph: bool = False,
     ):
         self.session, self.config, self.batch, self.device = session, config, batch, device
+        self.max_length = max_length
         self.binding = session.io_binding()
         shape = (batch, config.kv_heads, max_length, config.head_dim)
         self.cache = StaticCache(config.n_layer, shape, dtype, device)
         self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device)
         self.lengths = np.zeros(batch, np.int64)  # tokens in the cache, per row
+        self.decode_binding: ort.IOBinding | None = None
+        self.decode_inputs = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
+            "position_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
+            "seqlens_k": ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int32), device, 0),
+            "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(np.array(max_length, np.int32)),  # host
+        }
+        self.prefill_options, self.decode_options = ort.RunOptions(), ort.RunOptions()
+        if cuda_graph:
+            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # prompts vary in shape: no capture
+            self.decode_options.add_run_config_entry("gpu_graph_id", str(batch))  # one graph per batch size
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         lengths = attention_mask.sum(axis=1).astype(np.int64)
@@ -97,28 +115,30 @@ class StaticCacheSteps:
         ids = np.take_along_axis(input_ids, order, axis=1)
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()
         positions[positions >= lengths[:, None]] = 0
-        logits = self.run(ids, positions, lengths - 1, prompt=True)
-        self.lengths = lengths
-        return logits[np.arange(self.batch), lengths - 1]
-
-    def decode_one_token(self, next_ids: np.ndarray) -> np.ndarray:
-        positions = self.lengths[:, None].copy()
-        logits = self.run(next_ids[:, None].astype(np.int64), positions, self.lengths, prompt=False)
-        self.lengths = self.lengths + 1
-        return logits[:, -1]
-
-    def run(self, ids: np.ndarray, positions: np.ndarray, last_index: np.ndarray, prompt: bool) -> np.ndarray:
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("position_ids", positions)
-        b.bind_cpu_input("seqlens_k", last_index.astype(np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(int(last_index.max()) + 1, np.int32))
-        if prompt:
-            b.bind_output("logits", self.device)
-        else:
-            self.logits.bind_output(b, "logits", 0, (self.batch, 1, self.config.vocab_size))
+        b.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(int(lengths.max()), np.int32))
+        b.bind_output("logits", self.device)  # first: get_outputs() lists outputs in the order they were bound
         self.cache.bind(b)
-        self.session.run_with_iobinding(b)
-        return b.get_outputs()[0].numpy()
+        self.session.run_with_iobinding(b, self.prefill_options)
+        self.lengths = lengths
+        return b.get_outputs()[0].numpy()[np.arange(self.batch), lengths - 1]
+
+    def decode_one_token(self, next_ids: np.ndarray) -> np.ndarray:
+        inputs = self.decode_inputs
+        inputs["input_ids"].update_inplace(next_ids[:, None].astype(np.int64))
+        inputs["position_ids"].update_inplace(self.lengths[:, None].copy())
+        inputs["seqlens_k"].update_inplace(self.lengths.astype(np.int32))  # cache length after this step - 1
+        if self.decode_binding is None:  # bound once: every address stays the same for the life of the buffers
+            b = self.decode_binding = self.session.io_binding()
+            for name, value in inputs.items():
+                b.bind_ortvalue_input(name, value)
+            self.logits.bind_output(b, "logits", 0, (self.batch, 1, self.config.vocab_size))
+            self.cache.bind(b)
+        self.session.run_with_iobinding(self.decode_binding, self.decode_options)
+        self.lengths = self.lengths + 1
+        return self.logits.value.numpy().reshape(self.batch, self.config.vocab_size)
