@@ -125,6 +125,34 @@ def generate_command(
         click.echo("".join(pieces))
 
 
+@cli.command("bench")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--batch", default=1, show_default=True)
+@click.option("--prompt-tokens", default=128, show_default=True)
+@click.option("--new-tokens", default=128, show_default=True)
+@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--graph", default="auto", show_default=True, help="auto, plain or fused.")
+@click.option("--runs", default=3, show_default=True, help="Timed runs after one warm-up; medians are reported.")
+@click.option("--threads", default=0, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_command(
+    export_dir: Path,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    provider: str,
+    graph: str,
+    runs: int,
+    threads: int,
+    as_json: bool,
+) -> None:
+    """Time prefill, first token and decode of EXPORT_DIR; report medians and peak memory."""
+    from starcast.runtime.bench import bench
+
+    result = bench(export_dir, batch, prompt_tokens, new_tokens, provider, graph, runs, threads)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+
+
 @cli.command("demo")
 @click.option("--output", type=click.Path(path_type=Path), help="Keep the export here (default: a temporary folder).")
 def demo_command(output: Path | None) -> None:
