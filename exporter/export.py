@@ -66,6 +66,7 @@ def export(
     dtype: str = "fp32",
     overwrite: bool = False,
     fuse_target: str | None = "cpu",
+    engine: tuple[Any, str] | None = None,
     progress: Progress = QUIET,
 ) -> dict[str, Any]:
     """Export `source` (a checkpoint folder or Hub id) to `output`, plus a fused graph for `fuse_target` unless
@@ -96,7 +97,15 @@ def export(
             from starcast.graphs.optimize import write_fused
 
             manifest["fused"] = write_fused(tmp, manifest, fuse_target, progress)
-            manifest["timings_s"] = dict(progress.timings)
+        if engine is not None:  # UNRUN here: TensorRT is not installable on this project's machines
+            from starcast.exporter.tensorrt import ENGINE_DIR, build_engine
+
+            limits, precision = engine
+            with progress.stage("tensorrt", f"{precision}, profiles for {limits}"):
+                manifest["tensorrt"] = build_engine(
+                    tmp / MODEL_FILE, checkpoint.config, tmp / ENGINE_DIR, limits, precision
+                )
+        manifest["timings_s"] = dict(progress.timings)
         write_manifest(tmp, manifest)
     return manifest
 

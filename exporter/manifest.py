@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,16 @@ def file_hashes(folder: Path) -> dict[str, str]:
     return {
         str(path.relative_to(folder)): sha256(path)
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        if path.is_file() and path.name != MANIFEST and not path.name.startswith(".")
     }
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     manifest = {"format": "starcast-export", "format_version": FORMAT_VERSION, **manifest}
     manifest["files"] = file_hashes(folder)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    staging = folder / f".{MANIFEST}.tmp"
+    staging.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staging, folder / MANIFEST)  # a reader sees the old manifest or the new one, never half of one
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

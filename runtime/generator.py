@@ -51,10 +51,15 @@ class Generator:
         self.graph_file = fused["model"] if use_fused else manifest.get("model", "model.onnx")
         self.interface = fused["interface"] if use_fused else "concat-cache"
         self.cuda_graph = cuda_graph and provider == "cuda" and self.interface == "static-cache"
-        self.session = create_session(folder / self.graph_file, provider, threads, cuda_graph=self.cuda_graph)
+        if provider == "tensorrt":  # UNRUN here: see runtime/trt_steps.py
+            if "tensorrt" not in manifest:
+                raise UserError(f"{folder}: the export has no TensorRT engine (run starcast build-engine)")
+            self.graph_file, self.interface, self.session = manifest["tensorrt"]["engine"], "tensorrt", None
+        else:
+            self.session = create_session(folder / self.graph_file, provider, threads, cuda_graph=self.cuda_graph)
         self.tokenizer = Tokenizer.from_export(folder)
         self.eos_token_id = read_eos(folder, self.config)
-        self._steps: dict[int, ConcatCacheSteps | StaticCacheSteps] = {}
+        self._steps: dict[int, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -79,12 +84,17 @@ class Generator:
 
     # -- token ids in, token ids out ------------------------------------------------------------------------
 
-    def steps(self, batch: int) -> ConcatCacheSteps | StaticCacheSteps:
+    def steps(self, batch: int) -> Any:
         """The prefill/decode driver for this batch size, with its cache buffer (allocated once)."""
         if batch not in self._steps:
             device = device_of(self.provider)
             args = (self.session, self.config, batch, self.max_length, self.dtype, device)
-            if self.interface == "static-cache":
+            if self.interface == "tensorrt":
+                from starcast.runtime.trt_steps import TrtSteps
+
+                engine = self.folder / self.graph_file
+                self._steps[batch] = TrtSteps(engine, self.config, batch, self.max_length, self.dtype)
+            elif self.interface == "static-cache":
                 self._steps[batch] = StaticCacheSteps(*args, cuda_graph=self.cuda_graph)
             else:
                 self._steps[batch] = ConcatCacheSteps(*args)

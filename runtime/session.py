@@ -15,7 +15,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def device_of(provider: str) -> str:
-    return "cuda" if provider == "cuda" else "cpu"
+    return "cuda" if provider in ("cuda", "tensorrt") else "cpu"
 
 
 def create_session(

@@ -25,16 +25,39 @@ def cli() -> None:
 @click.option("--dtype", default="fp32", show_default=True, help="Weights and activations: fp32 or fp16.")
 @click.option("--target", default="cpu", show_default=True, help="Fuse for this provider: cpu or cuda.")
 @click.option("--no-fuse", is_flag=True, help="Write only the plain graph.")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx, or trt to add a TensorRT engine.")
+@click.option("--max-batch", default=1, show_default=True, help="TensorRT profiles: largest batch.")
+@click.option("--max-prompt", default=512, show_default=True, help="TensorRT profiles: longest prompt.")
+@click.option("--max-length", default=1024, show_default=True, help="TensorRT profiles: longest prompt + output.")
+@click.option("--precision", default="fp16", show_default=True, help="TensorRT builder precision: fp16, bf16, fp32.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No stage lines on stderr.")
 def export_command(
-    model: str, output_dir: Path, dtype: str, target: str, no_fuse: bool, overwrite: bool, quiet: bool
+    model: str,
+    output_dir: Path,
+    dtype: str,
+    target: str,
+    no_fuse: bool,
+    fmt: str,
+    max_batch: int,
+    max_prompt: int,
+    max_length: int,
+    precision: str,
+    overwrite: bool,
+    quiet: bool,
 ) -> None:
     """Export MODEL (a checkpoint folder or Hub id) to OUTPUT_DIR as ONNX, verified against PyTorch."""
     from starcast.exporter.export import export
+    from starcast.exporter.tensorrt import Limits, require_tensorrt
 
+    if fmt not in ("onnx", "trt"):
+        raise UserError(f"unknown format {fmt!r} (supported: onnx, trt)")
+    engine = None
+    if fmt == "trt":
+        require_tensorrt()  # before any export work
+        engine = (Limits(max_batch, max_prompt, max_length), precision)
     fuse_target = None if no_fuse else target
-    manifest = export(model, output_dir, dtype, overwrite, fuse_target, progress=Progress(not quiet))
+    manifest = export(model, output_dir, dtype, overwrite, fuse_target, engine=engine, progress=Progress(not quiet))
     fused = f" + fused graph for {target}" if fuse_target else ""
     click.echo(f"exported {manifest['parameters'] / 1e6:.1f}M parameters ({dtype}){fused} to {output_dir}")
 
@@ -57,12 +80,41 @@ def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: 
     )
 
 
+@cli.command("build-engine")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--max-batch", default=1, show_default=True)
+@click.option("--max-prompt", default=512, show_default=True)
+@click.option("--max-length", default=1024, show_default=True)
+@click.option("--precision", default="fp16", show_default=True, help="fp16, bf16 or fp32.")
+@click.option("--overwrite", is_flag=True, help="Rebuild an existing engine.")
+def build_engine_command(
+    export_dir: Path, max_batch: int, max_prompt: int, max_length: int, precision: str, overwrite: bool
+) -> None:
+    """Build a TensorRT engine (prompt and decode profiles) from EXPORT_DIR's plain graph into EXPORT_DIR/trt."""
+    from starcast.exporter.tensorrt import Limits, build_engine_in_place
+
+    manifest = build_engine_in_place(export_dir, Limits(max_batch, max_prompt, max_length), precision, overwrite)
+    click.echo(f"built {manifest['tensorrt']['engine']} with TensorRT {manifest['tensorrt']['tensorrt']}")
+
+
 @cli.command("check")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--source", help="The checkpoint to compare against (default: the one recorded in starcast.json).")
-def check_command(export_dir: Path, source: str | None) -> None:
+@click.option("--trt-ready", is_flag=True, help="Only check that TensorRT's ONNX parser can build the plain graph.")
+def check_command(export_dir: Path, source: str | None, trt_ready: bool) -> None:
     """Re-verify EXPORT_DIR: file hashes, then ONNX Runtime logits against the PyTorch reference."""
     from starcast.exporter.export import ParityError, recheck
+
+    if trt_ready:
+        from starcast.exporter.manifest import read_manifest
+        from starcast.exporter.trt_check import check_trt_ready
+
+        folder = export_dir.expanduser().absolute()
+        report = check_trt_ready(folder / read_manifest(folder).get("model", "model.onnx"))
+        click.echo("\n".join(report.lines()))
+        if not report.ready:
+            sys.exit(1)
+        return
 
     report = recheck(export_dir, source, progress=Progress())
     if not report.passed:

@@ -1,0 +1,144 @@
+"""`starcast check --trt-ready`: will TensorRT's ONNX parser build this graph? A pure-ONNX check that runs anywhere.
+
+It checks what breaks TensorRT builds of LLM exports: custom-domain ops (com.microsoft fusions), control flow
+(`If`, `Loop` — optimum's merged decoders), ops outside TensorRT's ONNX operator support, an opset newer than
+the parser reads, external data that is not one file beside the model, and dynamic axes that the build-engine
+profiles (batch, sequence, past) do not cover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+MAX_OPSET = 20  # TensorRT 10.x's ONNX parser reads opsets 9 to 20
+PROFILE_AXES = {"batch", "sequence", "past_sequence", "total_sequence"}
+# Standard ops TensorRT's ONNX parser supports (onnx-tensorrt operators.md), restricted to what an LLM export uses.
+TRT_OPS = {
+    "Abs",
+    "Add",
+    "And",
+    "ArgMax",
+    "Cast",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Cos",
+    "Div",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Gather",
+    "GatherElements",
+    "Gelu",
+    "Gemm",
+    "Greater",
+    "GreaterOrEqual",
+    "Identity",
+    "LayerNormalization",
+    "Less",
+    "LessOrEqual",
+    "Log",
+    "MatMul",
+    "Max",
+    "Min",
+    "Mul",
+    "Neg",
+    "Not",
+    "Or",
+    "Pow",
+    "Range",
+    "Reciprocal",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Sin",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Tile",
+    "Transpose",
+    "Trilu",
+    "Unsqueeze",
+    "Where",
+    "Xor",
+}
+
+
+@dataclass
+class TrtReport:
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        verdict = "ready for TensorRT" if self.ready else f"NOT ready for TensorRT ({len(self.problems)} problems)"
+        return [verdict, *(f"  ok: {c}" for c in self.checked), *(f"  problem: {p}" for p in self.problems)]
+
+
+def check_trt_ready(model_path: Path) -> TrtReport:
+    report = TrtReport()
+    proto = onnx.load(str(model_path), load_external_data=False)
+    graph = proto.graph
+    nodes = list(graph.node)
+
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in ("", "ai.onnx")})
+    if custom:
+        report.problems.append(f"custom-domain ops TensorRT cannot parse: {', '.join(custom)} (use the plain graph)")
+    else:
+        report.checked.append("standard ONNX ops only")
+    control = sorted({n.op_type for n in nodes if n.op_type in ("If", "Loop", "Scan")})
+    if control:
+        report.problems.append(f"control flow: {', '.join(control)}")
+    else:
+        report.checked.append("no If/Loop/Scan")
+    unsupported = sorted({n.op_type for n in nodes if n.domain in ("", "ai.onnx")} - TRT_OPS - {"If", "Loop", "Scan"})
+    if unsupported:
+        report.problems.append(f"ops outside the supported set: {', '.join(unsupported)}")
+    else:
+        report.checked.append(f"{len({n.op_type for n in nodes})} op types, all supported")
+
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset > MAX_OPSET:
+        report.problems.append(f"opset {opset}: TensorRT's parser reads up to {MAX_OPSET}")
+    else:
+        report.checked.append(f"opset {opset}")
+
+    locations = {
+        entry.value
+        for init in graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    if len(locations) > 1 or any("/" in loc or not (model_path.parent / loc).is_file() for loc in locations):
+        report.problems.append(f"external data must be one file beside the model, found {sorted(locations)}")
+    else:
+        report.checked.append(f"weights {'in ' + next(iter(locations)) if locations else 'inside the model'}")
+
+    axes = {
+        dim.dim_param
+        for value in [*graph.input, *graph.output]
+        for dim in value.type.tensor_type.shape.dim
+        if dim.dim_param
+    }
+    uncovered = sorted(axes - PROFILE_AXES)
+    if uncovered:
+        report.problems.append(f"dynamic axes no optimization profile covers: {', '.join(uncovered)}")
+    else:
+        report.checked.append(f"dynamic axes {', '.join(sorted(axes))} covered by the prompt and decode profiles")
+    return report
