@@ -48,7 +48,12 @@ class Checkpoint:
 
 
 def resolve_source(source: str) -> Path:
-    """A local folder as it is; otherwise a Hugging Face Hub model id, downloaded (config, weights, tokenizer)."""
+    """A local folder as it is, `builtin:NAME` for a model shipped with starcast; otherwise a Hugging Face Hub
+    model id, downloaded (config, weights, tokenizer)."""
+    if source.startswith("builtin:"):
+        from starcast.builtin import builtin_model_path
+
+        return builtin_model_path(source.removeprefix("builtin:"))
     path = Path(source)
     if path.exists():
         if not path.is_dir():

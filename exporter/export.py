@@ -67,11 +67,16 @@ def export(
     overwrite: bool = False,
     fuse_target: str | None = "cpu",
     engine: tuple[Any, str] | None = None,
+    quantize: tuple[int, int] | None = None,
     progress: Progress = QUIET,
 ) -> dict[str, Any]:
     """Export `source` (a checkpoint folder or Hub id) to `output`, plus a fused graph for `fuse_target` unless
     it is None; returns the manifest."""
     check_dtype(dtype)
+    if quantize is not None:
+        from starcast.graphs.quantize import check_options
+
+        check_options(*quantize)
     if fuse_target is not None:
         from starcast.graphs.fuse import TARGETS
 
@@ -97,6 +102,10 @@ def export(
             from starcast.graphs.optimize import write_fused
 
             manifest["fused"] = write_fused(tmp, manifest, fuse_target, progress)
+        if quantize is not None:
+            from starcast.graphs.quantize import quantize_folder
+
+            manifest["quantization"] = quantize_folder(tmp, manifest, *quantize, None, progress)
         if engine is not None:  # UNRUN here: TensorRT is not installable on this project's machines
             from starcast.exporter.tensorrt import ENGINE_DIR, build_engine
 

@@ -30,6 +30,8 @@ def cli() -> None:
 @click.option("--max-prompt", default=512, show_default=True, help="TensorRT profiles: longest prompt.")
 @click.option("--max-length", default=1024, show_default=True, help="TensorRT profiles: longest prompt + output.")
 @click.option("--precision", default="fp16", show_default=True, help="TensorRT builder precision: fp16, bf16, fp32.")
+@click.option("--quantize", help="Weight-only quantization of the linear layers: int8 or int4.")
+@click.option("--block-size", default=32, show_default=True, help="Quantization block size: 32, 64 or 128.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No stage lines on stderr.")
 def export_command(
@@ -43,6 +45,8 @@ def export_command(
     max_prompt: int,
     max_length: int,
     precision: str,
+    quantize: str | None,
+    block_size: int,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -57,7 +61,14 @@ def export_command(
         require_tensorrt()  # before any export work
         engine = (Limits(max_batch, max_prompt, max_length), precision)
     fuse_target = None if no_fuse else target
-    manifest = export(model, output_dir, dtype, overwrite, fuse_target, engine=engine, progress=Progress(not quiet))
+    bits = None
+    if quantize is not None:
+        if quantize not in ("int8", "int4"):
+            raise UserError(f"unsupported quantization {quantize!r} (supported: int8, int4)")
+        bits = (int(quantize[3:]), block_size)
+    manifest = export(
+        model, output_dir, dtype, overwrite, fuse_target, engine=engine, quantize=bits, progress=Progress(not quiet)
+    )
     fused = f" + fused graph for {target}" if fuse_target else ""
     click.echo(f"exported {manifest['parameters'] / 1e6:.1f}M parameters ({dtype}){fused} to {output_dir}")
 
@@ -78,6 +89,24 @@ def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: 
         f"({fused['nodes_per_layer']['before']} -> {fused['nodes_per_layer']['after']} per layer), "
         f"fused ops {fused['fused_ops']}, written to {output_dir}"
     )
+
+
+@cli.command("quantize")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--bits", default=4, show_default=True, help="4 or 8.")
+@click.option("--block-size", default=32, show_default=True, help="32, 64 or 128.")
+@click.option("--eval-text", type=click.Path(path_type=Path), help="Text to measure perplexity on.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+def quantize_command(
+    export_dir: Path, output_dir: Path, bits: int, block_size: int, eval_text: Path | None, overwrite: bool
+) -> None:
+    """Weight-only int8/int4 quantization of EXPORT_DIR's graphs into OUTPUT_DIR, with measured accuracy."""
+    from starcast.graphs.quantize import quantize_export
+
+    manifest = quantize_export(export_dir, output_dir, bits, block_size, eval_text, overwrite, Progress())
+    accuracy = manifest["quantization"]["accuracy"]
+    click.echo(json.dumps(accuracy, indent=2))
 
 
 @cli.command("build-engine")
