@@ -101,9 +101,9 @@ def plain_session(path: Path):
     return create_session(path, "cpu")
 
 
-def window_nll(session, config: GPTBigCodeConfig, tokens: np.ndarray, dtype) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over consecutive windows of the plain graph's context."""
-    window = min(config.n_positions, 256)
+def window_nll(session, config: GPTBigCodeConfig, tokens: np.ndarray, dtype, window: int = 256) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over consecutive windows of `window` tokens (plain graph)."""
+    window = min(config.n_positions, window)
     total, count = 0.0, 0
     for start in range(0, len(tokens) - 1, window):
         ids = tokens[start : start + window + 1]

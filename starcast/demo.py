@@ -1,27 +1,53 @@
-"""`starcast demo`: the whole pipeline on a small random-weight checkpoint, end to end, in seconds."""
+"""`starcast demo`: the whole pipeline on the built-in trained model, end to end, in seconds.
+
+Export `builtin:tiny-python` (a small GPTBigCode trained on the Python standard library, shipped inside the
+package), fuse it, prove it against the PyTorch reference, then generate from a Python prompt (streamed) and
+fill in the middle of a function.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from starcast.exporter.config import GPTBigCodeConfig
 from starcast.exporter.export import export
-from starcast.exporter.random_checkpoint import write_random_checkpoint
 from starcast.progress import Progress
 
-DEMO_CONFIG = GPTBigCodeConfig(vocab_size=4096, n_positions=512, n_embd=256, n_layer=4, n_head=8)
+MODEL = "builtin:tiny-python"
+PROMPT = "def read_lines(path):\n"
+FIM_PREFIX = "def is_even(n):\n    "
+FIM_SUFFIX = "\n    return result\n"
 
 
-def run_demo(scratch: Path, output: Path | None = None) -> dict[str, Any]:
+def run_demo(scratch: Path, output: Path | None = None, out=sys.stdout) -> dict[str, Any]:
+    from starcast.runtime.generator import Generator
+
     progress = Progress()
-    with progress.stage("checkpoint", "random weights, multi-query, 4 layers"):
-        checkpoint = write_random_checkpoint(scratch / "checkpoint", DEMO_CONFIG)
-    manifest = export(str(checkpoint), output or scratch / "export", overwrite=output is not None, progress=progress)
+    folder = output or scratch / "export"
+    manifest = export(MODEL, folder, overwrite=output is not None, fuse_target="cpu", progress=progress)
+    generator = Generator.from_pretrained(folder)
+    options = dict(max_new_tokens=48, stop_strings=["\ndef ", "\nclass "])
+
+    print(f"\n--- {MODEL}: greedy continuation of {PROMPT!r} (streamed, {generator.graph_file}) ---", file=out)
+    print(PROMPT, end="", file=out, flush=True)
+    start, pieces = time.perf_counter(), []
+    for piece in generator.stream(PROMPT, **options):
+        pieces.append(piece)
+        print(piece, end="", file=out, flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n--- fill in the middle: {FIM_PREFIX!r} ... {FIM_SUFFIX!r} ---", file=out)
+    middle = generator.fill_in_the_middle(FIM_PREFIX, FIM_SUFFIX, max_new_tokens=24)
+    print(f"{FIM_PREFIX}\033[1m{middle}\033[0m{FIM_SUFFIX}", file=out)
+    tokens = len(generator.tokenizer.encode("".join(pieces)))
     return {
+        "model": MODEL,
         "parameters": manifest["parameters"],
-        "dtype": manifest["dtype"],
-        "parity": manifest["parity"],
+        "parity": {k: manifest["parity"][k] for k in ("prompt_error", "decode_error", "tolerance", "passed")},
+        "fused": {"ops": manifest["fused"]["fused_ops"], "parity_passed": manifest["fused"]["parity"]["passed"]},
+        "generated_tokens": tokens,
+        "decode_tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
         "export": str(output) if output else "(temporary, removed)",
         "timings_s": manifest["timings_s"],
     }
