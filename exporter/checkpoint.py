@@ -137,7 +137,7 @@ def iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, state.pop(name)
 
 
-def load_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> GPTBigCode:
+def load_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, progress=None) -> GPTBigCode:
     """Build the reference model on the meta device and fill it tensor by tensor from the checkpoint."""
     config = checkpoint.config
     with torch.device("meta"):
@@ -146,6 +146,7 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> GP
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     filled: set[str] = set()
+    tick = progress.bar("load", len(expected)) if progress is not None else lambda: None
     for raw_name, tensor in iter_tensors(checkpoint.weight_files):
         name = raw_name if raw_name in expected or raw_name == "lm_head.weight" else f"transformer.{raw_name}"
         if name not in expected:
@@ -157,6 +158,7 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> GP
             raise UserError(f"{checkpoint.folder}: tensor {raw_name} has dtype {tensor.dtype}, expected floating point")
         set_parameter(model, name, tensor.to(dtype))
         filled.add(name)
+        tick()
     missing = sorted(set(expected) - filled)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -86,7 +86,7 @@ def export(
     check_output(output, overwrite)
     checkpoint = open_checkpoint(source)
     with progress.stage("load", str(checkpoint.folder)):
-        model = load_model(checkpoint, DTYPES[dtype])
+        model = load_model(checkpoint, DTYPES[dtype], progress)
     with atomic_folder(output) as tmp:
         with progress.stage("trace", f"{checkpoint.config.n_layer} layers, {dtype}"):
             export_onnx(model, tmp / MODEL_FILE)

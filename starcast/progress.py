@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -25,6 +25,26 @@ class Progress:
         elapsed = time.perf_counter() - start
         self.timings[name] = round(elapsed, 3)
         self.say(f"[{name}] done in {elapsed:.1f} s")
+
+    def bar(self, label: str, total: int) -> Callable[[], None]:
+        """A callback that advances a progress bar on stderr (drawn only when stderr is a terminal)."""
+        if not (self.enabled and sys.stderr.isatty() and total > 0):
+            return lambda: None
+        count = 0
+
+        def tick() -> None:
+            nonlocal count
+            count += 1
+            filled = 30 * count // total
+            end = "\n" if count >= total else ""
+            print(
+                f"\r[{label}] [{'#' * filled}{'.' * (30 - filled)}] {count}/{total}",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return tick
 
 
 QUIET = Progress(enabled=False)
