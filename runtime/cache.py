@@ -43,22 +43,35 @@ class DeviceBuffer:
 
 
 class ConcatCache:
-    """Ping-pong buffers for graphs whose present = Concat(past, new): past_key_values.{i}.key_value."""
+    """Ping-pong buffers for graphs whose present = Concat(past, new). `names` pairs each past input with its
+    present output: one merged `key_value` pair per layer for starcast graphs, a key and a value pair per layer
+    for optimum's exports."""
 
-    def __init__(self, n_layer: int, shape_at, max_length: int, dtype: np.dtype, device: str):
-        self.n_layer, self.shape_at, self.max_length = n_layer, shape_at, max_length
-        self.buffer = DeviceBuffer(2 * n_layer, prod(shape_at(max_length)), dtype, device)
+    def __init__(self, names: list[tuple[str, str]], shape_at, max_length: int, dtype: np.dtype, device: str):
+        self.names, self.shape_at, self.max_length = names, shape_at, max_length
+        self.buffer = DeviceBuffer(2 * len(names), prod(shape_at(max_length)), dtype, device)
         self.side = 0
         self.length = 0
+
+    @classmethod
+    def merged(cls, n_layer: int, shape_at, max_length: int, dtype: np.dtype, device: str) -> ConcatCache:
+        names = [(f"past_key_values.{i}.key_value", f"present.{i}.key_value") for i in range(n_layer)]
+        return cls(names, shape_at, max_length, dtype, device)
+
+    @classmethod
+    def split(cls, n_layer: int, shape_at, max_length: int, dtype: np.dtype, device: str) -> ConcatCache:
+        names = [(f"past_key_values.{i}.{p}", f"present.{i}.{p}") for i in range(n_layer) for p in ("key", "value")]
+        return cls(names, shape_at, max_length, dtype, device)
 
     def reset(self) -> None:
         self.side, self.length = 0, 0
 
     def bind(self, binding: ort.IOBinding, new_tokens: int) -> None:
         past, present = self.shape_at(self.length), self.shape_at(self.length + new_tokens)
-        for i in range(self.n_layer):
-            self.buffer.bind_input(binding, f"past_key_values.{i}.key_value", self.side * self.n_layer + i, past)
-            self.buffer.bind_output(binding, f"present.{i}.key_value", (1 - self.side) * self.n_layer + i, present)
+        count = len(self.names)
+        for i, (past_name, present_name) in enumerate(self.names):
+            self.buffer.bind_input(binding, past_name, self.side * count + i, past)
+            self.buffer.bind_output(binding, present_name, (1 - self.side) * count + i, present)
 
     def advance(self, new_tokens: int) -> None:
         self.side, self.length = 1 - self.side, self.length + new_tokens

@@ -72,7 +72,7 @@ class Generator:
         cuda_graph: bool = True,
     ) -> Generator:
         folder = Path(export_dir).expanduser().absolute()
-        manifest = read_manifest(folder)
+        manifest = optimum_manifest(folder) if is_optimum_export(folder) else read_manifest(folder)
         check_export_files(folder, manifest)
         if graph not in GRAPHS:
             raise UserError(f"unknown graph {graph!r} (supported: {', '.join(GRAPHS)})")
@@ -239,6 +239,27 @@ class Generator:
 
     def fill_in_the_middle(self, prefix: str, suffix: str, max_new_tokens: int = 64, **options: Any) -> str:
         return self.generate_text(self.require_tokenizer().fim_prompt(prefix, suffix), max_new_tokens, **options)
+
+
+def is_optimum_export(folder: Path) -> bool:
+    """An optimum-onnx gpt_bigcode export: model.onnx with past_key_values.{i}.key / .value, no starcast.json."""
+    if (folder / "starcast.json").exists() or not (folder / "model.onnx").is_file():
+        return False
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    return any(value.name == "past_key_values.0.key" for value in graph.input)
+
+
+def optimum_manifest(folder: Path) -> dict[str, Any]:
+    """What the runtime needs to know about an optimum export, in the shape of a starcast manifest."""
+    import onnx
+
+    config = GPTBigCodeConfig.from_file(folder / "config.json")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    cache_type = next(v for v in graph.input if v.name == "past_key_values.0.key").type.tensor_type.elem_type
+    dtype = "fp16" if cache_type == onnx.TensorProto.FLOAT16 else "fp32"
+    return {"format": "optimum", "model": "model.onnx", "dtype": dtype, "config": config.to_hf_dict(), "files": {}}
 
 
 def read_eos(folder: Path, config: GPTBigCodeConfig) -> int | None:

@@ -2,8 +2,9 @@
 
 Both return the logits of each row's last real position, [batch, vocab], as a host array: that is all that
 crosses from the device each step. Two graph interfaces, one class each:
-  ConcatCacheSteps   the plain graph and the cpu-fused graph (attention_mask, merged key_value cache);
-                     prompts are left-padded, as transformers pads them.
+  ConcatCacheSteps   the plain graph and the cpu-fused graph (attention_mask, merged key_value cache), and
+                     optimum's gpt_bigcode exports (separate key and value); prompts are left-padded, as
+                     transformers pads them.
   StaticCacheSteps   the cuda-fused graph (GroupQueryAttention, seqlens_k, in-place key/value buffers);
                      each row's tokens start at cache position 0, so a left-padded prompt is moved right.
 """
@@ -35,7 +36,18 @@ class ConcatCacheSteps:
     ):
         self.session, self.config, self.batch, self.device = session, config, batch, device
         self.binding = session.io_binding()
-        self.cache = ConcatCache(config.n_layer, lambda n: config.cache_shape(batch, n), max_length, dtype, device)
+        inputs = {value.name for value in session.get_inputs()}
+        if "past_key_values.0.key_value" in inputs:
+            self.cache = ConcatCache.merged(
+                config.n_layer, lambda n: config.cache_shape(batch, n), max_length, dtype, device
+            )
+        else:  # optimum's layout: separate key and value, [batch, kv_heads, past, head_dim]
+
+            def split_shape(length: int) -> tuple[int, ...]:
+                return (batch, config.kv_heads, length, config.head_dim)
+
+            self.cache = ConcatCache.split(config.n_layer, split_shape, max_length, dtype, device)
+        self.takes_positions = "position_ids" in inputs
         self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device)  # decode logits, reused every step
         self.mask = np.zeros((batch, 0), np.int64)
         self.positions = np.zeros(batch, np.int64)
@@ -60,7 +72,8 @@ class ConcatCacheSteps:
         b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", self.mask)
-        b.bind_cpu_input("position_ids", positions)
+        if self.takes_positions:
+            b.bind_cpu_input("position_ids", positions)
         # logits first: get_outputs() lists outputs in the order they were bound
         if prompt:
             b.bind_output("logits", self.device)  # [batch, prompt, vocab]: allocated once per generate()

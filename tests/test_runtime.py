@@ -224,3 +224,16 @@ def test_generate_cli(text_export):
     assert fim.returncode == 0, fim.stderr
     bad = run("--ids", "5,x")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("starcast: error:")
+
+
+def test_runtime_drives_an_optimum_export(tmp_path):
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    folder, hf = save_hf_checkpoint(tmp_path / "ckpt")
+    ORTModelForCausalLM.from_pretrained(folder, export=True).save_pretrained(tmp_path / "optimum")
+    generator = Generator.from_pretrained(tmp_path / "optimum")
+    ids, mask = left_padded_batch(96, [7, 4, 2])
+    np.testing.assert_array_equal(
+        generator.generate(ids, mask, max_new_tokens=NEW_TOKENS), transformers_greedy(hf, ids, mask)
+    )
