@@ -7,6 +7,7 @@ graph and starcast's fused graph, on the same random-weight checkpoint; plus the
 Every system is timed the same way, through its own `generate()`: T(new) for `new` tokens and T(1) for one;
 prefill (time to first token) = T(1), decode tokens/s per sequence = (new - 1) / (T(new) - T(1)). Medians of
 `runs` after a warm-up. Each system runs in its own process so that its peak resident memory is its own.
+starcast-int8/int4 are the fused graph with weight-only MatMulNBits (block 32).
 The roofline is a graph of nothing but the model's weight MatMuls at batch 1 (shared/notes/cpu-decode-ceiling):
 ONNX Runtime streams those weights at the memory's read bandwidth, so no fp32 graph can decode faster.
 Writes benchmarks/RESULTS.md's table (between markers) and benchmarks/decode_tokens_per_s.png.
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SYSTEMS = ("pytorch", "optimum", "starcast-plain", "starcast-fused")
+SYSTEMS = ("pytorch", "optimum", "starcast-plain", "starcast-fused", "starcast-int8", "starcast-int4")
 
 
 # -- workers: one system, one batch size, in a process of its own ---------------------------------------------------
@@ -176,6 +177,12 @@ def prepare(work: Path, preset: str, systems: list[str]) -> None:
         write_random_checkpoint(work / "checkpoint", PRESETS[preset])
     if not (work / "starcast" / "starcast.json").is_file():
         export(str(work / "checkpoint"), work / "starcast", fuse_target="cpu", overwrite=True)
+    for bits in (8, 4):
+        if f"starcast-int{bits}" in systems and not (work / f"starcast-int{bits}" / "starcast.json").is_file():
+            from starcast.graphs.quantize import quantize_export
+            from starcast.progress import QUIET
+
+            quantize_export(work / "starcast", work / f"starcast-int{bits}", bits, 32, None, True, QUIET)
     if "optimum" in systems and not (work / "optimum" / "model.onnx").is_file():
         from optimum.onnxruntime import ORTModelForCausalLM
 
