@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,26 @@ def export(
                     tmp / MODEL_FILE, checkpoint.config, tmp / ENGINE_DIR, limits, precision
                 )
         manifest["timings_s"] = dict(progress.timings)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def derive_export(source: Path, output: Path, overwrite: bool, change: Callable[[Path, dict], None]) -> dict:
+    """A new export folder: a copy of `source` (checked against its manifest) changed in place by `change`,
+    written atomically beside `output`. The source export is never modified."""
+    from starcast.exporter.manifest import read_manifest, verify_files
+
+    source, output = source.expanduser().absolute(), output.expanduser().absolute()
+    manifest = read_manifest(source)
+    if output == source:
+        raise UserError(f"{output}: the output must differ from the source export, which is never modified")
+    check_output(output, overwrite)
+    verify_files(source, manifest)
+    with atomic_folder(output) as tmp:
+        for name in manifest["files"]:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, tmp / name)
+        change(tmp, manifest)
         write_manifest(tmp, manifest)
     return manifest
 

@@ -7,7 +7,6 @@ never modified.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import onnx_ir as ir
 
 from starcast.errors import UserError
 from starcast.exporter.config import GPTBigCodeConfig
-from starcast.exporter.manifest import io_signature, read_manifest, verify_files, write_manifest
+from starcast.exporter.manifest import io_signature, read_manifest
 from starcast.exporter.onnx_export import EXTERNAL_DATA_THRESHOLD, IR_VERSION
 from starcast.exporter.verify import TOLERANCES, parity_inputs
 from starcast.graphs.fuse import fuse
@@ -124,21 +123,13 @@ def write_fused(folder: Path, manifest: dict[str, Any], target: str, progress: P
 
 def optimize_export(source: Path, output: Path, target: str, overwrite: bool, progress: Progress = QUIET) -> dict:
     """`starcast optimize`: a new export folder = the plain export + its fused graph."""
-    from starcast.exporter.export import atomic_folder, check_output
+    from starcast.exporter.export import derive_export
 
-    source = source.expanduser().absolute()
-    output = output.expanduser().absolute()
-    manifest = read_manifest(source)
+    manifest = read_manifest(source.expanduser().absolute())
     if "fused" in manifest:
         raise UserError(f"{source}: already has a fused graph ({manifest['fused']['target']}); nothing to do")
-    if output == source:
-        raise UserError("OUTPUT_DIR must differ from PLAIN_DIR: the source export is never modified")
-    check_output(output, overwrite)
-    verify_files(source, manifest)
-    with atomic_folder(output) as tmp:
-        for name in manifest["files"]:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, tmp / name)
-        manifest["fused"] = write_fused(tmp, manifest, target, progress)
-        write_manifest(tmp, manifest)
-    return manifest
+
+    def add_fused(folder: Path, manifest: dict) -> None:
+        manifest["fused"] = write_fused(folder, manifest, target, progress)
+
+    return derive_export(source, output, overwrite, add_fused)

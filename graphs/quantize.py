@@ -235,22 +235,15 @@ def quantize_export(
     source: Path, output: Path, bits: int, block_size: int, eval_text: Path | None, overwrite: bool, progress
 ) -> dict[str, Any]:
     """`starcast quantize EXPORT_DIR OUT`: a new export folder with quantized graphs; the source is untouched."""
-    from starcast.exporter.export import atomic_folder, check_output
-    from starcast.exporter.manifest import read_manifest, verify_files, write_manifest
+    from starcast.exporter.export import derive_export
+    from starcast.exporter.manifest import read_manifest
 
     check_options(bits, block_size)
-    source, output = source.expanduser().absolute(), output.expanduser().absolute()
-    manifest = read_manifest(source)
+    manifest = read_manifest(source.expanduser().absolute())
     if "quantization" in manifest:
         raise UserError(f"{source}: already quantized ({manifest['quantization']['bits']}-bit)")
-    if output == source:
-        raise UserError("OUT must differ from EXPORT_DIR: the source export is never modified")
-    check_output(output, overwrite)
-    verify_files(source, manifest)
-    with atomic_folder(output) as tmp:
-        for name in manifest["files"]:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, tmp / name)
-        manifest["quantization"] = quantize_folder(tmp, manifest, bits, block_size, eval_text, progress)
-        write_manifest(tmp, manifest)
-    return manifest
+
+    def quantize(folder: Path, manifest: dict) -> None:
+        manifest["quantization"] = quantize_folder(folder, manifest, bits, block_size, eval_text, progress)
+
+    return derive_export(source, output, overwrite, quantize)
