@@ -16,9 +16,11 @@ from starcast.exporter.export import export
 from starcast.progress import Progress
 
 MODEL = "builtin:tiny-python"
-PROMPT = "def read_lines(path):\n"
-FIM_PREFIX = "def is_even(n):\n    "
-FIM_SUFFIX = "\n    return result\n"
+PROMPT = "class Stack:\n    def __init__(self):\n        "
+FIM_PREFIX = "class Stack:\n    def push(self, item):\n        "
+FIM_SUFFIX = "\n\n    def pop(self):\n        return self.items.pop()\n"
+# A 5M-parameter model repeats itself under plain greedy decoding; a mild repetition penalty keeps it going.
+OPTIONS = {"repetition_penalty": 1.2}
 
 
 def run_demo(scratch: Path, output: Path | None = None, out=sys.stdout) -> dict[str, Any]:
@@ -28,9 +30,9 @@ def run_demo(scratch: Path, output: Path | None = None, out=sys.stdout) -> dict[
     folder = output or scratch / "export"
     manifest = export(MODEL, folder, overwrite=output is not None, fuse_target="cpu", progress=progress)
     generator = Generator.from_pretrained(folder)
-    options = dict(max_new_tokens=48, stop_strings=["\ndef ", "\nclass "])
+    options = dict(max_new_tokens=64, stop_strings=["\nclass ", "\n\n\n"], **OPTIONS)
 
-    print(f"\n--- {MODEL}: greedy continuation of {PROMPT!r} (streamed, {generator.graph_file}) ---", file=out)
+    print(f"\n--- {MODEL}: greedy continuation (streamed, {generator.graph_file}) ---", file=out)
     print(PROMPT, end="", file=out, flush=True)
     start, pieces = time.perf_counter(), []
     for piece in generator.stream(PROMPT, **options):
@@ -38,7 +40,7 @@ def run_demo(scratch: Path, output: Path | None = None, out=sys.stdout) -> dict[
         print(piece, end="", file=out, flush=True)
     elapsed = time.perf_counter() - start
     print(f"\n--- fill in the middle: {FIM_PREFIX!r} ... {FIM_SUFFIX!r} ---", file=out)
-    middle = generator.fill_in_the_middle(FIM_PREFIX, FIM_SUFFIX, max_new_tokens=24)
+    middle = generator.fill_in_the_middle(FIM_PREFIX, FIM_SUFFIX, max_new_tokens=24, **OPTIONS)
     print(f"{FIM_PREFIX}\033[1m{middle}\033[0m{FIM_SUFFIX}", file=out)
     tokens = len(generator.tokenizer.encode("".join(pieces)))
     return {
