@@ -87,15 +87,12 @@ def load_system(system: str, work: Path, threads: int, max_length: int):
     from starcast.runtime.generator import Generator
 
     graph = "plain" if system == "starcast-plain" else "fused"
-    generators: dict[int, Generator] = {}
+    folder = work / {"starcast-plain": "starcast", "starcast-fused": "starcast"}.get(system, system)
+    # One generator, its cache sized for the longest request, as a server sizes it.
+    generator = Generator.from_pretrained(folder, graph=graph, max_length=max_length, threads=threads)
 
     def run(ids, mask, new):
-        length = ids.shape[1] + new
-        if length not in generators:  # the cache sized for the request, as a server sizes it
-            generators[length] = Generator.from_pretrained(
-                work / "starcast", graph=graph, max_length=length, threads=threads
-            )
-        return generators[length].generate(ids, mask, max_new_tokens=new, eos_token_id=None)
+        return generator.generate(ids, mask, max_new_tokens=new, eos_token_id=None)
 
     return run
 
