@@ -41,7 +41,7 @@ def prepare(work: Path, preset: str) -> Path:
 
 def steppers(work: Path, config: GPTBigCodeConfig, max_length: int, threads: int) -> dict:
     def session(folder: str, model: str):
-        return create_session(work / folder / model, "cpu", threads)
+        return create_session(work / folder / model, "cpu", threads, spinning=False)
 
     args = (config, 1, max_length, np.float32, "cpu")
     return {

@@ -19,8 +19,10 @@ def device_of(provider: str) -> str:
 
 
 def create_session(
-    path: Path, provider: str = "cpu", threads: int = 0, cuda_graph: bool = False, profile: bool = False
+    path: Path, provider: str = "cpu", threads: int = 0, cuda_graph: bool = False, spinning: bool = True
 ) -> ort.InferenceSession:
+    """`spinning=False` stops idle intra-op threads from spinning: needed when several sessions take turns in one
+    process (a benchmark), where one session's spinning threads would steal the cores from the next."""
     if provider not in PROVIDERS:
         raise UserError(f"unknown provider {provider!r} (supported: {', '.join(PROVIDERS)})")
     options = ort.SessionOptions()
@@ -28,8 +30,8 @@ def create_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    if profile:
-        options.enable_profiling = True
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = [PROVIDERS[provider]]
     missing: list[str] = []
     if provider == "cuda":
