@@ -218,6 +218,9 @@ assistant**: it writes Python-looking text, often plausible for a line or two, r
 - Held-out loss {held_out_loss} nats/token, perplexity {held_out_perplexity} (on {held_out_tokens_evaluated:,} tokens of
   held-out stdlib code, {context}-token windows, no FIM).
 - Weights: fp16 safetensors.
+- Known limit: fill-in-the-middle was applied to whole modules, but training samples are 256-token windows of
+  the token stream, so the model rarely saw a whole FIM sample; its infilling is weak. Applying FIM inside
+  context-sized chunks is the fix for the next training run.
 """
 
 
