@@ -1,9 +1,10 @@
 """Run the graph passes over a plain starcast graph for one execution-provider target, counting every match.
 
 Targets (measured, see shared notes and benchmarks/RESULTS.md):
-  cpu   SkipLayerNormalization, FastGelu/BiasGelu, shape chains folded; attention stays the plain graph's one
-        batched MatMul of all query heads against the shared key, which ONNX Runtime's CPU provider runs
-        faster than its GroupQueryAttention kernel. Same inputs and outputs as the plain graph.
+  cpu   SkipLayerNormalization, FastGelu/BiasGelu, shape chains folded, the lm_head on the last position
+        only (logits [batch, 1, vocab]); attention stays the plain graph's one batched MatMul of all query
+        heads against the shared key, which ONNX Runtime's CPU provider runs faster than its
+        GroupQueryAttention kernel. Otherwise the plain graph's inputs and outputs.
   cuda  the same plus GroupQueryAttention over static, in-place key and value buffers (the static-cache
         interface: see `static_cache.py`).
 Each layer must end with exactly one GELU op, its SkipLayerNormalizations and (cuda) one attention op; a pass
@@ -25,6 +26,7 @@ from starcast.errors import UserError
 from starcast.exporter.config import GPTBigCodeConfig
 from starcast.graphs.attention import attention_rules
 from starcast.graphs.gelu import gelu_bias_rules, gelu_rules
+from starcast.graphs.last_logits import last_logits_rules
 from starcast.graphs.static_cache import add_static_cache_inputs, finish_static_cache_interface
 
 TARGETS = ("cpu", "cuda")
@@ -65,8 +67,9 @@ def histogram(model: ir.Model) -> dict[str, int]:
 
 def require(name: str, matched: int, expected: int) -> None:
     if matched != expected:
+        per = "one per layer" if expected > 1 else "once"
         raise FusionError(
-            f"pass {name} matched {matched} times, expected {expected} (one per layer): "
+            f"pass {name} matched {matched} times, expected {expected} ({per}): "
             "not a starcast GPTBigCode export, or already fused"
         )
 
@@ -106,6 +109,9 @@ def fuse(model: ir.Model, config: GPTBigCodeConfig, target: str, dtype: str) -> 
         report.matches["gelu_bias"] = gelu_bias_rules.apply_to_model(model)
         require("GeluBias", report.matches["gelu_bias"], n_layer)
 
+    if target == "cpu":
+        report.matches["last_position_logits"] = last_logits_rules.apply_to_model(model)
+        require("LastPositionLogits", report.matches["last_position_logits"], 1)
     common_passes.ShapeInferencePass()(model)
     report.matches["skip_layer_norm"] = fuse_skip_layer_normalization(model)
     # ln_1 and ln_2 of every layer plus ln_f: each follows a residual Add (ln_1 of layer 0: wte + wpe).

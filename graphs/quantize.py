@@ -32,16 +32,17 @@ AGREEMENT_STEPS = 256
 def untie_lm_head(proto: onnx.ModelProto) -> None:
     """Gemm(x, embedding, transB=1) -> MatMul(x, embedding^T), so that the quantizer sees the head's weight."""
     graph = proto.graph
+    embedding_name = next((n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"), None)
     for index, node in enumerate(graph.node):
-        if node.op_type == "Gemm" and node.name == "lm_head/Gemm":
-            embedding = next(init for init in graph.initializer if init.name == node.input[1])
+        if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] == embedding_name:
+            embedding = next(init for init in graph.initializer if init.name == embedding_name)
             head = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(embedding).T), "lm_head.weight_t")
             graph.initializer.append(head)
             graph.node.remove(node)
-            graph.node.insert(
-                index,
-                onnx.helper.make_node("MatMul", [node.input[0], head.name], list(node.output), name="lm_head/MatMul"),
+            matmul = onnx.helper.make_node(
+                "MatMul", [node.input[0], head.name], list(node.output), name="lm_head/MatMul"
             )
+            graph.node.insert(index, matmul)
             return
 
 
