@@ -7,8 +7,8 @@
   outputs  logits [batch, sequence, vocab]
            present.{i}.key / .value  same shape, bound to the same memory as the past buffers
 
-Rows are right-aligned in nothing: each row's tokens start at cache position 0, so a left-padded prompt batch
-is passed right-padded (padding at the end of the row, excluded by seqlens_k); see runtime/static_step.py.
+Each row's tokens start at cache position 0, so a left-padded prompt batch is passed right-padded (padding at
+the end of the row, excluded by seqlens_k); see StaticCacheSteps in runtime/steps.py.
 """
 
 from __future__ import annotations
