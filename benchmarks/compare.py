@@ -42,6 +42,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def hf_generate(model, ids: np.ndarray, mask: np.ndarray, new: int):
+    """transformers' generate(), as PyTorch and optimum models share it: greedy, exactly `new` tokens."""
+    import torch
+
+    return model.generate(
+        torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        do_sample=False,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        pad_token_id=0,
+    )
+
+
 def load_system(system: str, work: Path, threads: int, max_length: int):
     """Returns generate(ids, mask, new_tokens) for the system."""
     if system == "pytorch":
@@ -53,14 +67,7 @@ def load_system(system: str, work: Path, threads: int, max_length: int):
 
         def run(ids, mask, new):
             with torch.no_grad():
-                return model.generate(
-                    torch.from_numpy(ids),
-                    attention_mask=torch.from_numpy(mask),
-                    do_sample=False,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    pad_token_id=0,
-                )
+                return hf_generate(model, ids, mask, new)
 
         return run
     if system == "optimum":
@@ -72,16 +79,7 @@ def load_system(system: str, work: Path, threads: int, max_length: int):
         model = ORTModelForCausalLM.from_pretrained(work / "optimum", session_options=options)
 
         def run(ids, mask, new):
-            import torch
-
-            return model.generate(
-                torch.from_numpy(ids),
-                attention_mask=torch.from_numpy(mask),
-                do_sample=False,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                pad_token_id=0,
-            )
+            return hf_generate(model, ids, mask, new)
 
         return run
     from starcast.runtime.generator import Generator
