@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from starcast.exporter.model import GPTBigCode
 from starcast.exporter.onnx_export import input_names
+from starcast.runtime.session import create_session
+from starcast.runtime.steps import positions_from_mask
 
 TOLERANCES = {"fp32": ("abs", 1e-4), "fp16": ("rel", 2e-2)}
 
@@ -43,14 +44,6 @@ class ParityReport:
         )
 
 
-def cpu_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def parity_inputs(vocab: int, batch: int = 2, prompt: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
     """A left-padded batch: row 0 is full, row 1 has two padding tokens on the left."""
     rng = np.random.default_rng(seed)
@@ -58,12 +51,6 @@ def parity_inputs(vocab: int, batch: int = 2, prompt: int = 7, seed: int = 0) ->
     mask = np.ones((batch, prompt), dtype=np.int64)
     mask[1:, :2] = 0
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask)}
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Positions as transformers' generate() makes them: count of real tokens so far, padding at 1."""
-    positions = np.cumsum(mask, axis=1) - 1
-    return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
 def relative_or_absolute(kind: str, ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> float:
@@ -76,7 +63,7 @@ def relative_or_absolute(kind: str, ours: np.ndarray, ref: np.ndarray, valid: np
 def check_parity(model: GPTBigCode, onnx_path: Path, dtype: str) -> ParityReport:
     cfg = model.config
     kind, tolerance = TOLERANCES[dtype]
-    session = cpu_session(onnx_path)
+    session = create_session(onnx_path, "cpu")
     torch_dtype = model.lm_head.weight.dtype
     feeds = parity_inputs(cfg.vocab_size)
     batch = feeds["input_ids"].shape[0]

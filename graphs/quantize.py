@@ -96,12 +96,6 @@ class Accuracy:
         )
 
 
-def plain_session(path: Path):
-    from starcast.runtime.session import create_session
-
-    return create_session(path, "cpu")
-
-
 def window_nll(session, config: GPTBigCodeConfig, tokens: np.ndarray, dtype, window: int = 256) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over consecutive windows of `window` tokens (plain graph)."""
     window = min(config.n_positions, window)
@@ -137,7 +131,9 @@ def measure(
     from starcast.runtime.steps import ConcatCacheSteps
 
     np_dtype = np.float16 if dtype == "fp16" else np.float32
-    sessions = plain_session(float_model), plain_session(quantized_model)
+    from starcast.runtime.session import create_session
+
+    sessions = create_session(float_model), create_session(quantized_model)
     ppl = [None, None]
     if eval_tokens is not None:
         for i, session in enumerate(sessions):

@@ -13,12 +13,13 @@ from conftest import VARIANTS, left_padded_batch, save_hf_checkpoint
 from starcast.exporter.checkpoint import load_model, open_checkpoint
 from starcast.exporter.export import export, recheck
 from starcast.exporter.onnx_export import input_names
-from starcast.exporter.verify import cpu_session, positions_from_mask
+from starcast.runtime.session import create_session
+from starcast.runtime.steps import positions_from_mask
 
 
 def run_steps(folder, ids, mask, steps, dtype=np.float32):
     """Greedy: prompt step then `steps` decode steps through ONNX Runtime; yields (logits, valid-mask) per step."""
-    session = cpu_session(folder / "model.onnx")
+    session = create_session(folder / "model.onnx")
     cfg = load_config(folder)
     names = input_names(cfg)
     past = [np.zeros(cfg.cache_shape(ids.shape[0], 0), dtype) for _ in range(cfg.n_layer)]

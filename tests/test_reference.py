@@ -9,7 +9,7 @@ from conftest import VARIANTS, left_padded_batch, save_hf_checkpoint
 from transformers import DynamicCache
 
 from starcast.exporter.checkpoint import load_model, open_checkpoint
-from starcast.exporter.verify import positions_from_mask
+from starcast.runtime.steps import positions_from_mask
 
 DECODE_STEPS = 3
 
