@@ -24,7 +24,18 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
-class ConcatCacheSteps:
+class Steps:
+    """What both drivers hold: the session, its IO binding, and the decode-logits buffer reused every step."""
+
+    def __init__(
+        self, session: ort.InferenceSession, config: GPTBigCodeConfig, batch: int, dtype: np.dtype, device: str
+    ):
+        self.session, self.config, self.batch, self.device = session, config, batch, device
+        self.binding = session.io_binding()
+        self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device)
+
+
+class ConcatCacheSteps(Steps):
     def __init__(
         self,
         session: ort.InferenceSession,
@@ -34,8 +45,7 @@ class ConcatCacheSteps:
         dtype: np.dtype,
         device: str,
     ):
-        self.session, self.config, self.batch, self.device = session, config, batch, device
-        self.binding = session.io_binding()
+        super().__init__(session, config, batch, dtype, device)
         inputs = {value.name for value in session.get_inputs()}
         if "past_key_values.0.key_value" in inputs:
             self.cache = ConcatCache.merged(
@@ -48,7 +58,6 @@ class ConcatCacheSteps:
 
             self.cache = ConcatCache.split(config.n_layer, split_shape, max_length, dtype, device)
         self.takes_positions = "position_ids" in inputs
-        self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device)  # decode logits, reused every step
         self.mask = np.zeros((batch, 0), np.int64)
         self.positions = np.zeros(batch, np.int64)
 
@@ -85,7 +94,7 @@ class ConcatCacheSteps:
         return b.get_outputs()[0].numpy()
 
 
-class StaticCacheSteps:
+class StaticCacheSteps(Steps):
     """GroupQueryAttention graphs. The decode step has static shapes and fixed input addresses (its inputs live
     in device buffers updated in place, total_sequence_length is the buffer length, masking comes from
     seqlens_k), which is what CUDA graph capture needs; on CUDA the session replays one captured graph per
@@ -101,12 +110,9 @@ class StaticCacheSteps:
         device: str,
         cuda_graph: bool = False,
     ):
-        self.session, self.config, self.batch, self.device = session, config, batch, device
-        self.max_length = max_length
-        self.binding = session.io_binding()
+        super().__init__(session, config, batch, dtype, device)
         shape = (batch, config.kv_heads, max_length, config.head_dim)
         self.cache = StaticCache(config.n_layer, shape, dtype, device)
-        self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device)
         self.lengths = np.zeros(batch, np.int64)  # tokens in the cache, per row
         self.decode_binding: ort.IOBinding | None = None
         self.decode_inputs = {
