@@ -13,6 +13,24 @@ from starcast.errors import UserError
 from starcast.progress import Progress
 
 
+def engine_options(command):
+    """The TensorRT engine's profile limits and precision, shared by `export --format trt` and `build-engine`."""
+    for option in reversed(
+        (
+            click.option("--max-batch", default=1, show_default=True, help="TensorRT profiles: largest batch."),
+            click.option("--max-prompt", default=512, show_default=True, help="TensorRT profiles: longest prompt."),
+            click.option(
+                "--max-length", default=1024, show_default=True, help="TensorRT profiles: longest prompt + output."
+            ),
+            click.option(
+                "--precision", default="fp16", show_default=True, help="TensorRT builder precision: fp16, bf16, fp32."
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="starcast")
 def cli() -> None:
@@ -26,10 +44,7 @@ def cli() -> None:
 @click.option("--target", default="cpu", show_default=True, help="Fuse for this provider: cpu or cuda.")
 @click.option("--no-fuse", is_flag=True, help="Write only the plain graph.")
 @click.option("--format", "fmt", default="onnx", show_default=True, help="onnx, or trt to add a TensorRT engine.")
-@click.option("--max-batch", default=1, show_default=True, help="TensorRT profiles: largest batch.")
-@click.option("--max-prompt", default=512, show_default=True, help="TensorRT profiles: longest prompt.")
-@click.option("--max-length", default=1024, show_default=True, help="TensorRT profiles: longest prompt + output.")
-@click.option("--precision", default="fp16", show_default=True, help="TensorRT builder precision: fp16, bf16, fp32.")
+@engine_options
 @click.option("--quantize", help="Weight-only quantization of the linear layers: int8 or int4.")
 @click.option("--block-size", default=32, show_default=True, help="Quantization block size: 32, 64 or 128.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
@@ -111,10 +126,7 @@ def quantize_command(
 
 @cli.command("build-engine")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--max-batch", default=1, show_default=True)
-@click.option("--max-prompt", default=512, show_default=True)
-@click.option("--max-length", default=1024, show_default=True)
-@click.option("--precision", default="fp16", show_default=True, help="fp16, bf16 or fp32.")
+@engine_options
 @click.option("--overwrite", is_flag=True, help="Rebuild an existing engine.")
 def build_engine_command(
     export_dir: Path, max_batch: int, max_prompt: int, max_length: int, precision: str, overwrite: bool
