@@ -7,16 +7,18 @@ tensor is read, so at no point are two full copies of the weights in memory.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from starcast.errors import UserError
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract.builtin import PREFIX, builtin_model_path
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.contract.errors import UserError
+from starcast.contract.paths import confine, os_reason, read_json
 from starcast.exporter.model import GPTBigCode
 
 WEIGHT_FILES = (
@@ -33,32 +35,51 @@ SIDE_FILES = (
     "vocab.json",
     "merges.txt",
 )
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Buffers older GPTBigCode checkpoints carry (the causal mask, its fill value): transformers ignores them too.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     folder: Path
+    root: Path  # what names read from the folder must stay inside: the folder, or a Hub cache's repo folder
     config: GPTBigCodeConfig
     weight_files: tuple[Path, ...]
 
     @property
     def side_files(self) -> list[Path]:
-        return [self.folder / name for name in SIDE_FILES if (self.folder / name).is_file()]
+        """Tokenizer and generation files present in the folder (each confined: it may be a link)."""
+        found = [self.file(name) for name in SIDE_FILES if (self.folder / name).exists()]
+        return [path for path in found if path.is_file()]
+
+    def file(self, name: str) -> Path:
+        return confine(self.root, (self.folder / name).relative_to(self.root).as_posix(), str(self.folder))
+
+
+def confinement_root(folder: Path) -> Path:
+    """A Hugging Face cache snapshot (`models--org--name/snapshots/REV`) links its files into the repo folder's
+    `blobs/`; anything else is its own root."""
+    folder = folder.absolute()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
 
 
 def resolve_source(source: str) -> Path:
     """A local folder as it is, `builtin:NAME` for a model shipped with starcast; otherwise a Hugging Face Hub
     model id, downloaded (config, weights, tokenizer)."""
-    if source.startswith("builtin:"):
-        from starcast.builtin import builtin_model_path
-
-        return builtin_model_path(source.removeprefix("builtin:"))
-    path = Path(source)
-    if path.exists():
+    if source.startswith(PREFIX):
+        return builtin_model_path(source.removeprefix(PREFIX))
+    path = Path(source).expanduser()
+    try:
+        exists = path.exists()
+    except OSError as exc:
+        raise UserError(f"{source}: cannot look at it ({os_reason(exc)})") from None
+    if exists:
         if not path.is_dir():
             raise UserError(f"{source}: not a folder (expected a checkpoint folder with config.json)")
-        return path
+        return path.absolute()
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
         raise UserError(f"{source}: no such folder")
     try:
@@ -74,36 +95,48 @@ def resolve_source(source: str) -> Path:
     except HFValidationError:
         raise UserError(f"{source}: no such folder, and not a valid Hugging Face model id") from None
     except Exception as exc:  # network errors come in many types; each means the same thing to the user
-        reason = "offline" if "offline" in str(exc).lower() else type(exc).__name__
+        reason = "offline mode" if "offline" in str(exc).lower() else type(exc).__name__
         raise UserError(
-            f"{source}: no such folder, and downloading it from the Hugging Face Hub failed ({reason})"
+            f"{source}: no such folder here, and the Hugging Face Hub cannot be reached to download it ({reason})"
         ) from None
     return Path(local)
 
 
 def open_checkpoint(source: str) -> Checkpoint:
     folder = resolve_source(source)
-    config_path = folder / "config.json"
+    root = confinement_root(folder)
+    relative = folder.relative_to(root)
+
+    def inside(name: str) -> Path:
+        return confine(root, (relative / name).as_posix(), str(folder))
+
+    config_path = inside("config.json")
     if not config_path.is_file():
+        if not os.access(folder, os.R_OK | os.X_OK):
+            raise UserError(f"{folder}: cannot read the folder (permission denied)")
         raise UserError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
     config = GPTBigCodeConfig.from_file(config_path)
     for name in WEIGHT_FILES:
-        path = folder / name
+        path = inside(name)
         if path.is_file():
-            files = shard_files(path) if name.endswith(".index.json") else (path,)
-            return Checkpoint(folder, config, files)
+            files = shard_files(path, root, relative) if name.endswith(".index.json") else (path,)
+            return Checkpoint(folder, root, config, files)
     raise UserError(f"{folder}: no weights (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def shard_files(index_path: Path) -> tuple[Path, ...]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{index_path}: unreadable shard index ({exc})") from None
-    files = tuple(index_path.parent / name for name in dict.fromkeys(weight_map.values()))
-    for file in files:
+def shard_files(index_path: Path, root: Path, relative: Path) -> tuple[Path, ...]:
+    """The shard files a `*.index.json` names, each confined to the checkpoint."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index_path}: no weight_map object in the shard index")
+    names = dict.fromkeys(weight_map.values())
+    if not all(isinstance(name, str) for name in names):
+        raise UserError(f"{index_path}: weight_map values must be file names")
+    files = tuple(confine(root, (relative / name).as_posix(), str(index_path)) for name in names)
+    for name, file in zip(names, files, strict=True):
         if not file.is_file():
-            raise UserError(f"{index_path}: shard {file.name} is missing")
+            raise UserError(f"{index_path}: shard {name} is missing")
     return files
 
 
@@ -119,26 +152,49 @@ def iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     try:
+        file.open("rb").close()
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read ({os_reason(exc)})") from None
+    try:
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 yield name, handle.get_tensor(name)
     except UserError:
         raise
-    except Exception as exc:  # SafetensorError, OSError: a truncated or corrupt file
+    except Exception as exc:  # SafetensorError: a truncated or corrupt file
         raise UserError(f"{file}: corrupt or truncated safetensors file ({str(exc).splitlines()[0]})") from None
 
 
 def iter_torch_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights_only=True`: PyTorch's restricted unpickler, which runs no code from the file."""
+    try:
+        file.open("rb").close()
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read ({os_reason(exc)})") from None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise UserError(f"{file}: cannot read PyTorch weights ({str(exc).splitlines()[0]})") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{file}: not a readable PyTorch weights file ({first})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file}: not a PyTorch state dict")
     for name in list(state):
         yield name, state.pop(name)
 
 
-def load_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, progress=None) -> GPTBigCode:
-    """Build the reference model on the meta device and fill it tensor by tensor from the checkpoint."""
+def listing(names: list[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def load_model(
+    checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, on_tensor: Callable[[int, int], None] | None = None
+) -> GPTBigCode:
+    """Build the reference model on the meta device and fill it tensor by tensor from the checkpoint.
+
+    Every tensor the model does not use is an error (a config with fewer layers than the weights would
+    otherwise export a different model and call it correct), except the mask buffers of older checkpoints and
+    the lm_head copy of a tied checkpoint. Non-finite weights are an error too."""
     config = checkpoint.config
     with torch.device("meta"):
         model = GPTBigCode(config)
@@ -146,23 +202,38 @@ def load_model(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32, progr
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     filled: set[str] = set()
-    tick = progress.bar("load", len(expected)) if progress is not None else lambda: None
+    unused: list[str] = []
     for raw_name, tensor in iter_tensors(checkpoint.weight_files):
         name = raw_name if raw_name in expected or raw_name == "lm_head.weight" else f"transformer.{raw_name}"
         if name not in expected:
-            continue  # buffers of older checkpoints (attn.bias, masked_bias) or a tied lm_head copy
+            tied_copy = name == "lm_head.weight" and config.tie_word_embeddings
+            if not (tied_copy or name.endswith(IGNORED_SUFFIXES)):
+                unused.append(raw_name)
+            continue
+        if name in filled:
+            raise UserError(f"{checkpoint.folder}: tensor {raw_name} appears twice")
         want = tuple(expected[name].shape)
         if tuple(tensor.shape) != want:
             raise UserError(f"{checkpoint.folder}: tensor {raw_name} has shape {tuple(tensor.shape)}, expected {want}")
         if not tensor.is_floating_point():
             raise UserError(f"{checkpoint.folder}: tensor {raw_name} has dtype {tensor.dtype}, expected floating point")
-        set_parameter(model, name, tensor.to(dtype))
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{checkpoint.folder}: the checkpoint contains NaN or infinite values (tensor {raw_name})")
+        converted = tensor.to(dtype)
+        if not bool(torch.isfinite(converted).all()):
+            raise UserError(f"{checkpoint.folder}: tensor {raw_name} overflows {str(dtype).removeprefix('torch.')}")
+        set_parameter(model, name, converted)
         filled.add(name)
-        tick()
+        if on_tensor is not None:
+            on_tensor(len(filled), len(expected))
+    if unused:
+        raise UserError(
+            f"{checkpoint.folder}: the checkpoint has tensors the config does not use ({listing(sorted(unused))}): "
+            f"config.json does not describe these weights"
+        )
     missing = sorted(set(expected) - filled)
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(f"{checkpoint.folder}: missing weight tensors {', '.join(missing[:3])}{more}")
+        raise UserError(f"{checkpoint.folder}: missing weight tensors {listing(missing)}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model.eval().requires_grad_(False)

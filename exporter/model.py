@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract.config import GPTBigCodeConfig
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:

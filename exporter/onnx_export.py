@@ -1,10 +1,6 @@
 """Trace the reference model into one plain ONNX graph that serves the prompt step and every decode step.
 
-The graph contract (also in the README and each export's `starcast.json`):
-  inputs   input_ids int64 [batch, sequence], attention_mask int64 [batch, past+sequence],
-           position_ids int64 [batch, sequence], past_key_values.{i}.key_value [batch, past, 2*head_dim]
-           (multi-query; [batch, n_head, past, 2*head_dim] otherwise)
-  outputs  logits [batch, sequence, vocab], present.{i}.key_value [batch, past+sequence, 2*head_dim]
+The graph has the concat-cache interface (`starcast/contract/interfaces.py`) with logits for every position.
 Batch, sequence and past are dynamic. The prompt step passes past length 0.
 """
 
@@ -18,38 +14,23 @@ from pathlib import Path
 import onnx
 import torch
 
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract import interfaces as io
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.contract.graph_files import IR_VERSION, OPSET, save_model
 from starcast.exporter.model import GPTBigCode
-
-OPSET = 17  # LayerNormalization is opset 17; TensorRT's parser and every recent ONNX Runtime read it
-IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, which ONNX Runtime 1.31 refuses
-# Weights go to one external `model.onnx.data` file above this size: protobuf caps a message at 2 GiB, and
-# ONNX Runtime maps external weights instead of holding a protobuf copy while it loads (tiny_starcoder fp32,
-# measured: peak RSS 895 MiB with external data against 1,224 MiB inline). Small models stay one file.
-EXTERNAL_DATA_THRESHOLD = 16 << 20
-
-
-def input_names(config: GPTBigCodeConfig) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.key_value" for i in range(config.n_layer)
-    ]
-
-
-def output_names(config: GPTBigCodeConfig) -> list[str]:
-    return ["logits"] + [f"present.{i}.key_value" for i in range(config.n_layer)]
 
 
 def dynamic_axes(config: GPTBigCodeConfig) -> dict[str, dict[int, str]]:
     seq_axis = 1 if config.multi_query else 2
     axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch", 1: "sequence"},
+        io.INPUT_IDS: {0: "batch", 1: "sequence"},
+        io.ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
+        io.POSITION_IDS: {0: "batch", 1: "sequence"},
+        io.LOGITS: {0: "batch", 1: "sequence"},
     }
-    for i in range(config.n_layer):
-        axes[f"past_key_values.{i}.key_value"] = {0: "batch", seq_axis: "past_sequence"}
-        axes[f"present.{i}.key_value"] = {0: "batch", seq_axis: "total_sequence"}
+    for past, present in io.merged_cache_names(config.n_layer):
+        axes[past] = {0: "batch", seq_axis: "past_sequence"}
+        axes[present] = {0: "batch", seq_axis: "total_sequence"}
     return axes
 
 
@@ -78,8 +59,8 @@ def export_onnx(model: GPTBigCode, path: Path) -> None:
                 model,
                 sample_inputs(model),
                 str(traced),
-                input_names=input_names(cfg),
-                output_names=output_names(cfg),
+                input_names=io.concat_inputs(cfg.n_layer),
+                output_names=io.concat_outputs(cfg.n_layer),
                 dynamic_axes=dynamic_axes(cfg),
                 opset_version=OPSET,
                 do_constant_folding=True,
@@ -104,7 +85,7 @@ def share_tied_embedding(proto: onnx.ModelProto) -> None:
     """
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
-    embedding = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    embedding = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] == io.INPUT_IDS)
     head = next(
         n
         for n in reversed(graph.node)
@@ -119,19 +100,3 @@ def share_tied_embedding(proto: onnx.ModelProto) -> None:
     graph.node.insert(position, gemm)
     if not any(copy in n.input for n in graph.node):
         graph.initializer.remove(initializers[copy])
-
-
-def save_model(proto: onnx.ModelProto, path: Path) -> None:
-    """Save one `.onnx` file, with all weights in one `.onnx.data` file beside it when they are large."""
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if weight_bytes < EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(path))
-        return
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract.config import GPTBigCodeConfig
 from starcast.exporter.model import GPTBigCode
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract.config import GPTBigCodeConfig
 
 MS = "com.microsoft"
 FLOAT = ir.DataType.FLOAT
@@ -132,12 +132,23 @@ def group_query_attention(op, cfg: GPTBigCodeConfig, layer: dict, query, key, va
     return output
 
 
-def attention_rules(config: GPTBigCodeConfig, layer_inputs: dict, upcast: bool) -> pattern.RewriteRuleSet:
+def softmax_upcast(config: GPTBigCodeConfig, dtype: str) -> bool:
+    """Whether the exporter wrapped the softmax in Casts to fp32 (model.py's Attention.softmax)."""
+    return dtype != "fp32" and config.attention_softmax_in_fp32
+
+
+def unscale_factor(config: GPTBigCodeConfig, dtype: str, layer: int) -> float:
+    """What scale_attention_softmax_in_fp32 divided the traced scale by in `layer` (and multiplied back in fp32)."""
+    return float(layer + 1) if softmax_upcast(config, dtype) and config.scale_attention_softmax_in_fp32 else 1.0
+
+
+def attention_rules(config: GPTBigCodeConfig, layer_inputs: dict, dtype: str) -> pattern.RewriteRuleSet:
     rule = MultiQueryAttentionToGQA if config.multi_query else MultiHeadAttentionToGQA
+    upcast = softmax_upcast(config, dtype)
     # With scale_attention_softmax_in_fp32, fp16 graphs multiply back by (layer + 1) in fp32: every layer but the
     # first, where the factor is 1 and the exporter emits no Mul.
     variants = [(upcast, False)]
-    if upcast and config.scale_attention_softmax_in_fp32:
+    if unscale_factor(config, dtype, 1) != 1.0:
         variants.insert(0, (True, True))
     return pattern.RewriteRuleSet(
         [rule.rule(f"{rule.__name__}{'_unscale' * u}", config, layer_inputs, c, u) for c, u in variants]

@@ -15,33 +15,34 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract import interfaces as io
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.graphs.attention import unscale_factor
 
 DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16}
-MAX_LENGTH_DIM = "max_sequence_length"
 
 
 def add_static_cache_inputs(model: ir.Model, config: GPTBigCodeConfig, dtype: str) -> dict[str, dict]:
     """Add the new graph inputs; returns, per old `past_key_values.{i}.key_value` name, what layer i's op reads."""
     graph = model.graph
-    seqlens_k = ir.Value(name="seqlens_k", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape(["batch"]))
-    total = ir.Value(name="total_sequence_length", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    seqlens_k = ir.Value(name=io.SEQLENS_K, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape(["batch"]))
+    total = ir.Value(name=io.TOTAL_SEQUENCE_LENGTH, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
     graph.inputs.extend([seqlens_k, total])
-    cache_shape = ["batch", config.kv_heads, MAX_LENGTH_DIM, config.head_dim]
+    cache_shape = ["batch", config.kv_heads, io.MAX_LENGTH_DIM, config.head_dim]
     layers = {}
     for i in range(config.n_layer):
         key, value = (
-            ir.Value(name=f"past_key_values.{i}.{part}", type=ir.TensorType(DTYPES[dtype]), shape=ir.Shape(cache_shape))
+            ir.Value(name=io.past(i, part), type=ir.TensorType(DTYPES[dtype]), shape=ir.Shape(cache_shape))
             for part in ("key", "value")
         )
         graph.inputs.extend([key, value])
-        layers[f"past_key_values.{i}.key_value"] = {
+        layers[io.past_key_value(i)] = {
             "index": i,
             "past_key": key,
             "past_value": value,
             "seqlens_k": seqlens_k,
             "total_sequence_length": total,
-            "unscale": float(i + 1) if dtype != "fp32" and config.scale_attention_softmax_in_fp32 else 1.0,
+            "unscale": unscale_factor(config, dtype, i),
         }
     # The merged `present.{i}.key_value` outputs go first, so that the Concat producing them is internal to the
     # attention pattern and can be replaced.
@@ -53,10 +54,10 @@ def add_static_cache_inputs(model: ir.Model, config: GPTBigCodeConfig, dtype: st
 def finish_static_cache_interface(model: ir.Model, config: GPTBigCodeConfig, layers: dict[str, dict]) -> None:
     """Expose each layer's present key/value as graph outputs; drop the merged-cache inputs and the mask."""
     graph = model.graph
-    cache_shape = ["batch", config.kv_heads, MAX_LENGTH_DIM, config.head_dim]
+    cache_shape = ["batch", config.kv_heads, io.MAX_LENGTH_DIM, config.head_dim]
     for layer in sorted(layers.values(), key=lambda layer: layer["index"]):
         for part, value in zip(("key", "value"), layer["presents"], strict=True):
-            value.name = f"present.{layer['index']}.{part}"
+            value.name = io.present(layer["index"], part)
             value.shape = ir.Shape(cache_shape)
             value.type = layer["past_key"].type
             graph.outputs.append(value)
@@ -64,7 +65,7 @@ def finish_static_cache_interface(model: ir.Model, config: GPTBigCodeConfig, lay
 
     optimize(model)  # removes the mask computation, now dead
     for value in list(graph.inputs):
-        if value.name in layers or value.name == "attention_mask":
+        if value.name in layers or value.name == io.ATTENTION_MASK:
             if value.uses():
                 raise ValueError(f"{value.name} is still used after the attention rewrite")
             graph.inputs.remove(value)

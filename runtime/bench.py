@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from starcast.errors import UserError
-from starcast.exporter.manifest import read_manifest
+from starcast.contract.errors import UserError
+from starcast.runtime.export_folder import open_export
 from starcast.runtime.generator import Generator
+from starcast.runtime.inputs import check_whole_number
 
 
 @dataclass(frozen=True)
@@ -88,17 +89,21 @@ def bench(
     graph: str = "auto",
     runs: int = 3,
     threads: int = 0,
+    **session: object,
 ) -> BenchResult:
+    """`session`: Generator.from_pretrained's device_id, tf32, verbose."""
+    for name, value in (("batch", batch), ("prompt tokens", prompt_tokens), ("new tokens", new_tokens), ("runs", runs)):
+        check_whole_number(name, value)
     if batch < 1 or prompt_tokens < 1 or new_tokens < 2 or runs < 1:
         raise UserError("batch, prompt tokens and runs must be >= 1, new tokens >= 2")
-    n_positions = read_manifest(Path(export_dir).expanduser().absolute())["config"]["n_positions"]
+    n_positions = open_export(Path(export_dir).expanduser().absolute()).config.n_positions
     if prompt_tokens + new_tokens > n_positions:
         raise UserError(
             f"prompt tokens ({prompt_tokens}) + new tokens ({new_tokens}) exceed the export's maximum "
             f"length {n_positions}"
         )
     # The cache is sized for this run, as a server sizes it for its longest request.
-    generator = Generator.from_pretrained(export_dir, provider, graph, prompt_tokens + new_tokens, threads)
+    generator = Generator.from_pretrained(export_dir, provider, graph, prompt_tokens + new_tokens, threads, **session)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, generator.config.vocab_size, size=(batch, prompt_tokens), dtype=np.int64)
     one_run(generator, ids, new_tokens)  # warm-up: allocations, kernel selection, CUDA graph capture

@@ -12,18 +12,39 @@ views (a base address plus an offset) into the one buffer with IOBinding.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from math import prod
 
 import numpy as np
 import onnxruntime as ort
 
+from starcast.contract import interfaces as io
+from starcast.contract.errors import UserError
+
+
+def check_fits_in_memory(nbytes: int, what: str, device: str) -> None:
+    """Refuse, before allocating, a host buffer larger than the machine's memory (an oversized allocation would
+    otherwise be granted lazily and the process killed while the buffer is zeroed)."""
+    if device != "cpu":
+        return
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > 0.9 * total:
+        raise UserError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB of memory: "
+            f"lower the batch or the maximum length"
+        )
+
 
 class DeviceBuffer:
     """`parts` equal, contiguous regions of `part_elements` each, in one OrtValue on `device`."""
 
-    def __init__(self, parts: int, part_elements: int, dtype: np.dtype, device: str):
+    def __init__(self, parts: int, part_elements: int, dtype: np.dtype, device: str, what: str = "a buffer"):
         self.dtype = np.dtype(dtype)
+        check_fits_in_memory(parts * part_elements * self.dtype.itemsize, what, device)
         self.device = device
         self.part_elements = part_elements
         self.value = ort.OrtValue.ortvalue_from_shape_and_type([parts * part_elements], self.dtype, device, 0)
@@ -49,19 +70,17 @@ class ConcatCache:
 
     def __init__(self, names: list[tuple[str, str]], shape_at, max_length: int, dtype: np.dtype, device: str):
         self.names, self.shape_at, self.max_length = names, shape_at, max_length
-        self.buffer = DeviceBuffer(2 * len(names), prod(shape_at(max_length)), dtype, device)
+        self.buffer = DeviceBuffer(2 * len(names), prod(shape_at(max_length)), dtype, device, "the KV cache")
         self.side = 0
         self.length = 0
 
     @classmethod
     def merged(cls, n_layer: int, shape_at, max_length: int, dtype: np.dtype, device: str) -> ConcatCache:
-        names = [(f"past_key_values.{i}.key_value", f"present.{i}.key_value") for i in range(n_layer)]
-        return cls(names, shape_at, max_length, dtype, device)
+        return cls(io.merged_cache_names(n_layer), shape_at, max_length, dtype, device)
 
     @classmethod
     def split(cls, n_layer: int, shape_at, max_length: int, dtype: np.dtype, device: str) -> ConcatCache:
-        names = [(f"past_key_values.{i}.{p}", f"present.{i}.{p}") for i in range(n_layer) for p in ("key", "value")]
-        return cls(names, shape_at, max_length, dtype, device)
+        return cls(io.split_cache_names(n_layer), shape_at, max_length, dtype, device)
 
     def reset(self) -> None:
         self.side, self.length = 0, 0
@@ -81,11 +100,10 @@ class StaticCache:
     """In-place key and value buffers of the maximum length, for GroupQueryAttention graphs."""
 
     def __init__(self, n_layer: int, shape: tuple[int, ...], dtype: np.dtype, device: str):
-        self.n_layer, self.shape = n_layer, shape
-        self.buffer = DeviceBuffer(2 * n_layer, prod(shape), dtype, device)
+        self.names, self.shape = io.split_cache_names(n_layer), shape
+        self.buffer = DeviceBuffer(2 * n_layer, prod(shape), dtype, device, "the KV cache")
 
     def bind(self, binding: ort.IOBinding) -> None:
-        for i in range(self.n_layer):
-            for j, part in enumerate(("key", "value")):
-                self.buffer.bind_input(binding, f"past_key_values.{i}.{part}", 2 * i + j, self.shape)
-                self.buffer.bind_output(binding, f"present.{i}.{part}", 2 * i + j, self.shape)
+        for part, (past, present) in enumerate(self.names):
+            self.buffer.bind_input(binding, past, part, self.shape)
+            self.buffer.bind_output(binding, present, part, self.shape)

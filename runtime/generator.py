@@ -5,60 +5,58 @@
     text = gen.generate_text("def fib(n):", max_new_tokens=64)
     for piece in gen.stream("def fib(n):"): print(piece, end="")
 
-It runs the fused graph when the export has one for the provider, else the plain graph. The KV cache lives
-in one device buffer per batch size, allocated on first use and bound by address every step.
+It runs the fused graph when the export has one for the provider, else the plain graph (`graph_note` says
+which, and why). The KV cache lives in one device buffer per batch size, allocated on first use and bound by
+address every step.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from starcast.errors import UserError
-from starcast.exporter.config import GPTBigCodeConfig
-from starcast.exporter.manifest import read_manifest
+from starcast.contract import interfaces as io
+from starcast.contract.dtypes import numpy_dtype
+from starcast.contract.errors import InvalidType, InvalidValue, UserError
+from starcast.contract.manifest import Manifest
+from starcast.runtime.export_folder import choose_graph, open_export, read_eos
+from starcast.runtime.inputs import check_prompt_batch, check_whole_number
 from starcast.runtime.sampling import SamplingOptions, TokenChooser
-from starcast.runtime.session import create_session, device_of
-from starcast.runtime.steps import ConcatCacheSteps, StaticCacheSteps
+from starcast.runtime.session import SessionOptions, create_session, device_of
+from starcast.runtime.steps import make_steps
 from starcast.runtime.text import StopStrings, StreamDecoder, Tokenizer
-
-GRAPHS = ("auto", "plain", "fused")
 
 
 class Generator:
     def __init__(
-        self,
-        folder: Path,
-        manifest: dict[str, Any],
-        provider: str,
-        graph: str,
-        max_length: int,
-        threads: int = 0,
-        cuda_graph: bool = True,
+        self, folder: Path, manifest: Manifest, provider: str, session: SessionOptions, graph: str, max_length: int
     ):
-        self.folder, self.manifest, self.provider = folder, manifest, provider
-        self.config = GPTBigCodeConfig.from_hf_dict(manifest["config"])
-        self.dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
+        self.folder, self.manifest, self.options = folder, manifest, session
+        self.provider = provider
+        self.config = manifest.config
+        self.dtype = numpy_dtype(manifest.dtype)
         self.max_length = max_length
-        fused = manifest.get("fused")
-        if graph == "fused" and not fused:
-            raise UserError(f"{folder}: the export has no fused graph (run starcast optimize)")
-        use_fused = fused is not None and (graph == "fused" or (graph == "auto" and fused["target"] == provider))
-        self.graph_file = fused["model"] if use_fused else manifest.get("model", "model.onnx")
-        self.interface = fused["interface"] if use_fused else "concat-cache"
-        self.cuda_graph = cuda_graph and provider == "cuda" and self.interface == "static-cache"
-        if provider == "tensorrt":  # UNRUN here: see runtime/trt_steps.py
-            if "tensorrt" not in manifest:
+        if self.provider == "tensorrt":  # UNRUN here: see runtime/tensorrt/steps.py
+            if manifest.tensorrt is None:
                 raise UserError(f"{folder}: the export has no TensorRT engine (run starcast build-engine)")
-            self.graph_file, self.interface, self.session = manifest["tensorrt"]["engine"], "tensorrt", None
+            from starcast.runtime.tensorrt.steps import EngineLimits, load_engine
+
+            self.graph_file, self.interface, self.session = manifest.engine_file, "tensorrt", None
+            self.graph_note, self.cuda_graph = f"TensorRT engine {self.graph_file}", False
+            engine = load_engine(manifest.path(folder, self.graph_file))
+            self.max_length = min(max_length, EngineLimits.of(engine).max_length)
         else:
-            self.session = create_session(folder / self.graph_file, provider, threads, cuda_graph=self.cuda_graph)
-        self.tokenizer = Tokenizer.from_export(folder)
-        self.eos_token_id = read_eos(folder, self.config)
+            choice = choose_graph(manifest, self.provider, graph)
+            self.graph_file, self.interface, self.graph_note = choice.record.model, choice.record.interface, choice.note
+            self.cuda_graph = session.cuda_graph and self.provider == "cuda" and self.interface == io.STATIC_CACHE
+            options = SessionOptions(**{**vars(session), "cuda_graph": self.cuda_graph})
+            self.session = create_session(manifest.path(folder, self.graph_file), options)
+        self.eos_token_ids = read_eos(folder, self.config)
+        self._tokenizer: Tokenizer | None = None
+        self._tokenizer_loaded = False
         self._steps: dict[int, Any] = {}
 
     @classmethod
@@ -70,64 +68,82 @@ class Generator:
         max_length: int | None = None,
         threads: int = 0,
         cuda_graph: bool = True,
+        device_id: int = 0,
+        tf32: bool = False,
+        verbose: bool = False,
     ) -> Generator:
         folder = Path(export_dir).expanduser().absolute()
-        manifest = optimum_manifest(folder) if is_optimum_export(folder) else read_manifest(folder)
+        manifest = open_export(folder)
         check_export_files(folder, manifest)
-        if graph not in GRAPHS:
-            raise UserError(f"unknown graph {graph!r} (supported: {', '.join(GRAPHS)})")
-        n_positions = manifest["config"]["n_positions"]
-        max_length = max_length or n_positions
+        n_positions = manifest.config.n_positions
+        if max_length is None:
+            max_length = n_positions
+        check_whole_number("max_length", max_length)
         if not 0 < max_length <= n_positions:
-            raise UserError(f"max_length must be in 1..{n_positions} (the model's n_positions), got {max_length}")
-        return cls(folder, manifest, provider, graph, max_length, threads, cuda_graph)
+            raise InvalidValue(f"max_length must be in 1..{n_positions} (the model's n_positions), got {max_length}")
+        session = SessionOptions(
+            provider="cuda" if provider == "tensorrt" else provider,
+            threads=threads,
+            device_id=device_id,
+            cuda_graph=cuda_graph,
+            tf32=tf32,
+            verbose=verbose,
+        )
+        return cls(folder, manifest, provider, session, graph, max_length)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first end-of-sequence id (what finished rows are padded with), or None."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """Loaded on first use: generating from token ids needs no tokenizer."""
+        if not self._tokenizer_loaded:
+            self._tokenizer = Tokenizer.from_export(self.folder)
+            self._tokenizer_loaded = True
+        return self._tokenizer
 
     # -- token ids in, token ids out ------------------------------------------------------------------------
 
     def steps(self, batch: int) -> Any:
         """The prefill/decode driver for this batch size, with its cache buffer (allocated once)."""
         if batch not in self._steps:
-            device = device_of(self.provider)
-            args = (self.session, self.config, batch, self.max_length, self.dtype, device)
             if self.interface == "tensorrt":
-                from starcast.runtime.trt_steps import TrtSteps
+                from starcast.runtime.tensorrt.steps import TrtSteps
 
-                engine = self.folder / self.graph_file
+                engine = self.manifest.path(self.folder, self.graph_file)
                 self._steps[batch] = TrtSteps(engine, self.config, batch, self.max_length, self.dtype)
-            elif self.interface == "static-cache":
-                self._steps[batch] = StaticCacheSteps(*args, cuda_graph=self.cuda_graph)
             else:
-                self._steps[batch] = ConcatCacheSteps(*args)
+                device = device_of(self.provider)
+                self._steps[batch] = make_steps(
+                    self.session, self.interface, self.config, batch, self.max_length, self.dtype, device,
+                    cuda_graph=self.cuda_graph,
+                )  # fmt: skip
         return self._steps[batch]
 
-    def validate(self, input_ids: Any, attention_mask: Any, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise UserError(f"input_ids must be a non-empty [batch, prompt] array, got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise UserError(f"input_ids must be integers, got {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise UserError(
-                f"token id {int(ids.max() if ids.max() >= 0 else ids.min())} is outside the vocabulary "
-                f"(0..{self.config.vocab_size - 1})"
-            )
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if mask.ndim == 1:
-            mask = mask[None, :]
-        if mask.shape != ids.shape:
-            raise UserError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
-        if (mask.sum(axis=1) == 0).any():
-            raise UserError("a prompt is empty (its attention_mask is all zeros)")
+    def validate(self, input_ids: Any, attention_mask: Any, max_new_tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = check_prompt_batch(input_ids, attention_mask, self.config.vocab_size)
+        check_whole_number("max_new_tokens", max_new_tokens)
         if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InvalidValue(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if ids.shape[1] + max_new_tokens > self.max_length:
-            raise UserError(
+            raise InvalidValue(
                 f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the maximum "
                 f"length {self.max_length}: the cache would overflow"
             )
-        return ids.astype(np.int64), mask.astype(np.int64)
+        return ids, mask
+
+    def eos_for(self, eos_token_id: Any) -> tuple[int, ...]:
+        if eos_token_id == -1:
+            return self.eos_token_ids
+        if eos_token_id is None:
+            return ()
+        check_whole_number("eos_token_id", eos_token_id)
+        if not 0 <= eos_token_id < self.config.vocab_size:
+            last = self.config.vocab_size - 1
+            raise InvalidValue(f"eos_token_id {eos_token_id} is outside the vocabulary (0..{last})")
+        return (int(eos_token_id),)
 
     def token_steps(
         self,
@@ -139,7 +155,7 @@ class Generator:
     ) -> Iterator[np.ndarray]:
         """Yield the next token of every row, step by step ([batch] int64); finished rows yield EOS (padding)."""
         ids, mask = self.validate(input_ids, attention_mask, max_new_tokens)
-        eos = self.eos_token_id if eos_token_id == -1 else eos_token_id
+        eos = self.eos_for(eos_token_id)
         choose = TokenChooser(SamplingOptions(**sampling))
         steps = self.steps(ids.shape[0])
         history = ids
@@ -147,9 +163,9 @@ class Generator:
         logits = steps.prefill(ids, mask)
         for step in range(max_new_tokens):
             next_ids = choose(logits, history)
-            if eos is not None:
-                next_ids = np.where(finished, eos, next_ids)
-                finished |= next_ids == eos
+            if eos:
+                next_ids = np.where(finished, eos[0], next_ids)
+                finished |= np.isin(next_ids, eos)
             history = np.concatenate([history, next_ids[:, None]], axis=1)
             yield next_ids.astype(np.int64)
             if finished.all() or step == max_new_tokens - 1:
@@ -178,10 +194,12 @@ class Generator:
 
     def encode_batch(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids and mask, as transformers pads prompts for generation."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise InvalidType("prompts must be a list of str")
         tokenizer = self.require_tokenizer()
         encoded = [tokenizer.encode(p) for p in prompts]
-        if any(not e for e in encoded):
-            raise UserError("a prompt is empty")
+        if not encoded or any(not e for e in encoded):
+            raise InvalidValue("a prompt is empty")
         width = max(map(len, encoded))
         ids = np.zeros((len(encoded), width), np.int64)
         mask = np.zeros((len(encoded), width), np.int64)
@@ -191,7 +209,7 @@ class Generator:
         return ids, mask
 
     def stream(
-        self, prompt: str, max_new_tokens: int = 64, stop_strings: list[str] | None = None, **options: Any
+        self, prompt: str, max_new_tokens: int = 64, stop_strings: list[str] | str | None = None, **options: Any
     ) -> Iterator[str]:
         """Yield text pieces as they are decoded; the text ends before the first stop string."""
         tokenizer = self.require_tokenizer()
@@ -199,7 +217,7 @@ class Generator:
         stops, decoder = StopStrings(stop_strings), StreamDecoder(tokenizer)
         text, released = "", 0
         for next_ids in self.token_steps(ids, mask, max_new_tokens, **options):
-            if self.eos_token_id is not None and next_ids[0] == self.eos_token_id:
+            if int(next_ids[0]) in self.eos_token_ids:
                 break
             text += decoder.push(next_ids[0])
             cut = stops.find(text)
@@ -216,12 +234,12 @@ class Generator:
             yield text[released:cut]
 
     def generate_text(
-        self, prompt: str, max_new_tokens: int = 64, stop_strings: list[str] | None = None, **options: Any
+        self, prompt: str, max_new_tokens: int = 64, stop_strings: list[str] | str | None = None, **options: Any
     ) -> str:
         return "".join(self.stream(prompt, max_new_tokens, stop_strings, **options))
 
     def generate_texts(
-        self, prompts: list[str], max_new_tokens: int = 64, stop_strings: list[str] | None = None, **options: Any
+        self, prompts: list[str], max_new_tokens: int = 64, stop_strings: list[str] | str | None = None, **options: Any
     ) -> list[str]:
         """A batch of prompts of different lengths (left-padded); each continuation ends before a stop string."""
         tokenizer = self.require_tokenizer()
@@ -230,56 +248,23 @@ class Generator:
         stops, texts = StopStrings(stop_strings), []
         for row in out:
             tokens = list(row)
-            if self.eos_token_id is not None and self.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(self.eos_token_id)]
-            text = tokenizer.decode(tokens)
-            cut = stops.find(text)
-            texts.append(text[:cut])
+            end = next((i for i, t in enumerate(tokens) if t in self.eos_token_ids), len(tokens))
+            text = tokenizer.decode(tokens[:end])
+            texts.append(text[: stops.find(text)])
         return texts
 
     def fill_in_the_middle(self, prefix: str, suffix: str, max_new_tokens: int = 64, **options: Any) -> str:
         return self.generate_text(self.require_tokenizer().fim_prompt(prefix, suffix), max_new_tokens, **options)
 
 
-def is_optimum_export(folder: Path) -> bool:
-    """An optimum-onnx gpt_bigcode export: model.onnx with past_key_values.{i}.key / .value, no starcast.json."""
-    if (folder / "starcast.json").exists() or not (folder / "model.onnx").is_file():
-        return False
-    import onnx
-
-    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    return any(value.name == "past_key_values.0.key" for value in graph.input)
-
-
-def optimum_manifest(folder: Path) -> dict[str, Any]:
-    """What the runtime needs to know about an optimum export, in the shape of a starcast manifest."""
-    import onnx
-
-    config = GPTBigCodeConfig.from_file(folder / "config.json")
-    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    cache_type = next(v for v in graph.input if v.name == "past_key_values.0.key").type.tensor_type.elem_type
-    dtype = "fp16" if cache_type == onnx.TensorProto.FLOAT16 else "fp32"
-    return {"format": "optimum", "model": "model.onnx", "dtype": dtype, "config": config.to_hf_dict(), "files": {}}
-
-
-def read_eos(folder: Path, config: GPTBigCodeConfig) -> int | None:
-    eos = config.eos_token_id
-    path = folder / "generation_config.json"
-    if path.is_file():
-        try:
-            eos = json.loads(path.read_text()).get("eos_token_id", eos)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: not valid JSON") from None
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    return eos if eos is not None and 0 <= eos < config.vocab_size else None
-
-
-def check_export_files(folder: Path, manifest: dict[str, Any]) -> None:
+def check_export_files(folder: Path, manifest: Manifest) -> None:
     """Cheap checks at load time (`starcast check` re-hashes everything): files present, config as recorded."""
-    for name in manifest.get("files", {}):
-        if not (folder / name).is_file():
+    for name in manifest.files:
+        if not manifest.path(folder, name).is_file():
             raise UserError(f"{folder}: {name} is missing (the export is incomplete)")
-    recorded = GPTBigCodeConfig.from_hf_dict(manifest["config"])
-    if (folder / "config.json").is_file() and GPTBigCodeConfig.from_file(folder / "config.json") != recorded:
-        raise UserError(f"{folder}: config.json does not match the config recorded in starcast.json")
+    config_path = manifest.path(folder, "config.json")
+    if manifest.source != "optimum" and config_path.is_file():
+        from starcast.contract.config import GPTBigCodeConfig
+
+        if GPTBigCodeConfig.from_file(config_path) != manifest.config:
+            raise UserError(f"{folder}: config.json does not match the config recorded in starcast.json")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starcast.errors import UserError
+from starcast.contract.errors import InvalidType, InvalidValue
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,26 @@ class SamplingOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0 (got {self.temperature}); use greedy decoding instead")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0 (got {self.top_k})")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise InvalidType(f"do_sample must be True or False, got {self.do_sample!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise InvalidType(f"{name} must be a number, got {value!r}")
+        # Written so that NaN fails every check: NaN compares false with everything.
+        if not self.temperature > 0 or self.temperature == float("inf"):
+            raise InvalidValue(f"temperature must be a finite number > 0 (got {self.temperature}); use greedy decoding")
         if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+            raise InvalidValue(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise InvalidValue(f"repetition_penalty must be a finite number > 0 (got {self.repetition_penalty})")
+        for name, value in (("top_k", self.top_k), ("seed", self.seed)):
+            if value is None and name == "seed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InvalidType(f"{name} must be a whole number, got {value!r}")
+            if value < 0:
+                raise InvalidValue(f"{name} must be >= 0 (got {value})")
 
 
 def apply_repetition_penalty(logits: np.ndarray, history: np.ndarray, penalty: float) -> np.ndarray:

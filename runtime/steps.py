@@ -14,14 +14,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract import interfaces as io
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.contract.interfaces import positions_from_mask
 from starcast.runtime.cache import ConcatCache, DeviceBuffer, StaticCache
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Position ids as transformers' generate() makes them for a left-padded batch (padding at 1)."""
-    positions = np.cumsum(mask, axis=1) - 1
-    return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
 class Steps:
@@ -32,7 +28,7 @@ class Steps:
     ):
         self.session, self.config, self.batch, self.device = session, config, batch, device
         self.binding = session.io_binding()
-        self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device)
+        self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device, "the logits")
 
 
 class ConcatCacheSteps(Steps):
@@ -47,7 +43,7 @@ class ConcatCacheSteps(Steps):
     ):
         super().__init__(session, config, batch, dtype, device)
         inputs = {value.name for value in session.get_inputs()}
-        if "past_key_values.0.key_value" in inputs:
+        if io.past_key_value(0) in inputs:
             self.cache = ConcatCache.merged(
                 config.n_layer, lambda n: config.cache_shape(batch, n), max_length, dtype, device
             )
@@ -57,7 +53,7 @@ class ConcatCacheSteps(Steps):
                 return (batch, config.kv_heads, length, config.head_dim)
 
             self.cache = ConcatCache.split(config.n_layer, split_shape, max_length, dtype, device)
-        self.takes_positions = "position_ids" in inputs
+        self.takes_positions = io.POSITION_IDS in inputs
         self.mask = np.zeros((batch, 0), np.int64)
         self.positions = np.zeros(batch, np.int64)
 
@@ -79,15 +75,15 @@ class ConcatCacheSteps(Steps):
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("attention_mask", self.mask)
+        b.bind_cpu_input(io.INPUT_IDS, ids)
+        b.bind_cpu_input(io.ATTENTION_MASK, self.mask)
         if self.takes_positions:
-            b.bind_cpu_input("position_ids", positions)
+            b.bind_cpu_input(io.POSITION_IDS, positions)
         # logits first: get_outputs() lists outputs in the order they were bound
         if prompt:
-            b.bind_output("logits", self.device)  # [batch, prompt, vocab]: allocated once per generate()
+            b.bind_output(io.LOGITS, self.device)  # [batch, prompt or 1, vocab]: allocated once per generate()
         else:
-            self.logits.bind_output(b, "logits", 0, (self.batch, 1, self.config.vocab_size))
+            self.logits.bind_output(b, io.LOGITS, 0, (self.batch, 1, self.config.vocab_size))
         self.cache.bind(b, ids.shape[1])
         self.session.run_with_iobinding(b)
         self.cache.advance(ids.shape[1])
@@ -116,10 +112,11 @@ class StaticCacheSteps(Steps):
         self.lengths = np.zeros(batch, np.int64)  # tokens in the cache, per row
         self.decode_binding: ort.IOBinding | None = None
         self.decode_inputs = {
-            "input_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
-            "position_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
-            "seqlens_k": ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int32), device, 0),
-            "total_sequence_length": ort.OrtValue.ortvalue_from_numpy(np.array(max_length, np.int32)),  # host
+            io.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
+            io.POSITION_IDS: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
+            io.SEQLENS_K: ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int32), device, 0),
+            # on the host: GroupQueryAttention reads it on the CPU (OrtMemTypeCPUInput)
+            io.TOTAL_SEQUENCE_LENGTH: ort.OrtValue.ortvalue_from_numpy(np.array(max_length, np.int32)),
         }
         self.prefill_options, self.decode_options = ort.RunOptions(), ort.RunOptions()
         if cuda_graph:
@@ -137,27 +134,48 @@ class StaticCacheSteps(Steps):
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("position_ids", positions)
-        b.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(int(lengths.max()), np.int32))
-        b.bind_output("logits", self.device)  # first: get_outputs() lists outputs in the order they were bound
+        b.bind_cpu_input(io.INPUT_IDS, ids)
+        b.bind_cpu_input(io.POSITION_IDS, positions)
+        b.bind_cpu_input(io.SEQLENS_K, (lengths - 1).astype(np.int32))
+        # The prompt step is recognised by total_sequence_length == sequence length: the padded width, even when
+        # every row is shorter (each row's own length comes from seqlens_k).
+        b.bind_cpu_input(io.TOTAL_SEQUENCE_LENGTH, np.array(width, np.int32))
+        b.bind_output(io.LOGITS, self.device)  # first: get_outputs() lists outputs in the order they were bound
         self.cache.bind(b)
         self.session.run_with_iobinding(b, self.prefill_options)
         self.lengths = lengths
-        return b.get_outputs()[0].numpy()[np.arange(self.batch), lengths - 1]
+        logits = b.get_outputs()[0].numpy()
+        if logits.shape[1] == 1:  # the lm_head ran on each row's last real token only
+            return logits[:, 0]
+        return logits[np.arange(self.batch), lengths - 1]
 
     def decode_one_token(self, next_ids: np.ndarray) -> np.ndarray:
         inputs = self.decode_inputs
-        inputs["input_ids"].update_inplace(next_ids[:, None].astype(np.int64))
-        inputs["position_ids"].update_inplace(self.lengths[:, None].copy())
-        inputs["seqlens_k"].update_inplace(self.lengths.astype(np.int32))  # cache length after this step - 1
+        inputs[io.INPUT_IDS].update_inplace(next_ids[:, None].astype(np.int64))
+        inputs[io.POSITION_IDS].update_inplace(self.lengths[:, None].copy())
+        inputs[io.SEQLENS_K].update_inplace(self.lengths.astype(np.int32))  # cache length after this step - 1
         if self.decode_binding is None:  # bound once: every address stays the same for the life of the buffers
             b = self.decode_binding = self.session.io_binding()
             for name, value in inputs.items():
                 b.bind_ortvalue_input(name, value)
-            self.logits.bind_output(b, "logits", 0, (self.batch, 1, self.config.vocab_size))
+            self.logits.bind_output(b, io.LOGITS, 0, (self.batch, 1, self.config.vocab_size))
             self.cache.bind(b)
         self.session.run_with_iobinding(self.decode_binding, self.decode_options)
         self.lengths = self.lengths + 1
         return self.logits.value.numpy().reshape(self.batch, self.config.vocab_size)
+
+
+def make_steps(
+    session: ort.InferenceSession,
+    interface: str,
+    config: GPTBigCodeConfig,
+    batch: int,
+    max_length: int,
+    dtype: np.dtype,
+    device: str,
+    cuda_graph: bool = False,
+) -> ConcatCacheSteps | StaticCacheSteps:
+    """The driver for a graph of `interface` (concat-cache, split-cache or static-cache)."""
+    if interface == io.STATIC_CACHE:
+        return StaticCacheSteps(session, config, batch, max_length, dtype, device, cuda_graph)
+    return ConcatCacheSteps(session, config, batch, max_length, dtype, device)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from starcast.errors import UserError
+from starcast.contract.errors import InvalidType, InvalidValue, UserError
+from starcast.contract.paths import JSON_LIMIT, confine, read_bytes
 
-FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+TOKENIZER_FILE = "tokenizer.json"
+# StarCoder's spelling, then SantaCoder's: (prefix, suffix, middle).
+FIM_SPELLINGS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"))
 
 
 class Tokenizer:
@@ -15,17 +18,25 @@ class Tokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HFTokenizer
 
+        data = read_bytes(path, JSON_LIMIT)
         try:
-            self.inner = HFTokenizer.from_file(str(path))
-        except Exception as exc:
-            raise UserError(f"{path}: cannot read tokenizer ({str(exc).splitlines()[0]})") from None
+            self.inner = HFTokenizer.from_str(data.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises Exception with serde's message
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"{path}: not a valid tokenizer.json ({first})") from None
 
     @classmethod
     def from_export(cls, folder: Path) -> Tokenizer | None:
-        path = folder / "tokenizer.json"
+        path = confine(folder, TOKENIZER_FILE, str(folder))
         return cls(path) if path.is_file() else None
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidType(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidValue("the text is not valid UTF-8 (it holds undecodable bytes)") from None
         return self.inner.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -34,12 +45,20 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
 
+    def fim_tokens(self) -> tuple[str, str, str]:
+        """The tokenizer's fill-in-the-middle tokens, in whichever spelling it has."""
+        for spelling in FIM_SPELLINGS:
+            if all(self.token_id(token) is not None for token in spelling):
+                return spelling
+        raise UserError(
+            "this tokenizer has no fill-in-the-middle tokens (neither <fim_prefix>/<fim_suffix>/<fim_middle> nor "
+            "<fim-prefix>/<fim-suffix>/<fim-middle>)"
+        )
+
     def fim_prompt(self, prefix: str, suffix: str) -> str:
-        """StarCoder's prefix-suffix-middle prompt; the model then writes the middle."""
-        missing = [t for t in FIM_TOKENS if self.token_id(t) is None]
-        if missing:
-            raise UserError(f"this tokenizer has no fill-in-the-middle tokens ({', '.join(missing)} missing)")
-        return f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+        """The prefix-suffix-middle prompt (StarCoder's and SantaCoder's PSM order); the model writes the middle."""
+        start, hole, middle = self.fim_tokens()
+        return f"{start}{prefix}{hole}{suffix}{middle}"
 
 
 class StreamDecoder:
@@ -75,7 +94,11 @@ class StreamDecoder:
 class StopStrings:
     """Watches generated text for stop strings; reports where the text must end (before the stop string)."""
 
-    def __init__(self, stops: list[str] | tuple[str, ...] | None):
+    def __init__(self, stops: str | list[str] | tuple[str, ...] | None):
+        if isinstance(stops, str):
+            stops = [stops]  # one stop string, as OpenAI's `stop` accepts
+        if stops is not None and not (isinstance(stops, (list, tuple)) and all(isinstance(s, str) for s in stops)):
+            raise InvalidType("stop strings must be str or a list of str")
         self.stops = [s for s in (stops or []) if s]
         self.longest = max((len(s) for s in self.stops), default=0)
 

@@ -8,12 +8,13 @@ fill in the middle of a function.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from starcast.exporter.export import export
-from starcast.progress import Progress
+from starcast.pipeline.export import export
+from starcast.pipeline.progress import Progress
 
 MODEL = "builtin:tiny-python"
 PROMPT = "class Stack:\n    def __init__(self):\n        "
@@ -23,12 +24,22 @@ FIM_SUFFIX = "\n\n    def pop(self):\n        return self.items.pop()\n"
 OPTIONS = {"repetition_penalty": 1.2}
 
 
-def run_demo(scratch: Path, output: Path | None = None, out=sys.stdout) -> dict[str, Any]:
+def highlight(text: str, out) -> str:
+    """The filled-in middle in bold on a terminal; between «» elsewhere (no escape codes in files)."""
+    return f"\033[1m{text}\033[0m" if out.isatty() else f"«{text}»"
+
+
+def run_demo(output: Path | None = None, overwrite: bool = False, out=sys.stdout) -> dict[str, Any]:
+    if output is not None:
+        return demo_in(output, overwrite, out, kept=True)
+    with tempfile.TemporaryDirectory(prefix="starcast-demo-") as scratch:
+        return demo_in(Path(scratch) / "export", False, out, kept=False)
+
+
+def demo_in(folder: Path, overwrite: bool, out, kept: bool) -> dict[str, Any]:
     from starcast.runtime.generator import Generator
 
-    progress = Progress()
-    folder = output or scratch / "export"
-    manifest = export(MODEL, folder, overwrite=output is not None, fuse_target="cpu", progress=progress)
+    manifest = export(MODEL, folder, overwrite=overwrite, fuse_target="cpu", progress=Progress())
     generator = Generator.from_pretrained(folder)
     options = dict(max_new_tokens=64, stop_strings=["\nclass ", "\n\n\n"], **OPTIONS)
 
@@ -41,15 +52,21 @@ def run_demo(scratch: Path, output: Path | None = None, out=sys.stdout) -> dict[
     elapsed = time.perf_counter() - start
     print(f"\n--- fill in the middle: {FIM_PREFIX!r} ... {FIM_SUFFIX!r} ---", file=out)
     middle = generator.fill_in_the_middle(FIM_PREFIX, FIM_SUFFIX, max_new_tokens=24, **OPTIONS)
-    print(f"{FIM_PREFIX}\033[1m{middle}\033[0m{FIM_SUFFIX}", file=out)
-    tokens = len(generator.tokenizer.encode("".join(pieces)))
+    print(f"{FIM_PREFIX}{highlight(middle, out)}{FIM_SUFFIX}", file=out)
+    tokens = len(generator.require_tokenizer().encode("".join(pieces)))
+    plain = manifest.plain.parity
     return {
         "model": MODEL,
-        "parameters": manifest["parameters"],
-        "parity": {k: manifest["parity"][k] for k in ("prompt_error", "decode_error", "tolerance", "passed")},
-        "fused": {"ops": manifest["fused"]["fused_ops"], "parity_passed": manifest["fused"]["parity"]["passed"]},
+        "parameters": manifest.parameters,
+        "parity": {
+            "prompt_error": plain.measured["prompt_error"],
+            "decode_error": plain.measured["decode_error"],
+            "tolerance": plain.tolerance,
+            "passed": plain.passed,
+        },
+        "fused": {"ops": manifest.fused.report["fused_ops"], "parity_passed": manifest.fused.parity.passed},
         "generated_tokens": tokens,
         "decode_tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
-        "export": str(output) if output else "(temporary, removed)",
-        "timings_s": manifest["timings_s"],
+        "export": str(folder) if kept else "(temporary, removed)",
+        "timings_s": manifest.timings_s,
     }

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import save_hf_checkpoint
 
-from starcast.errors import UserError
-from starcast.exporter.export import export
+from starcast.contract.errors import UserError
+from starcast.pipeline.export import export
 from starcast.runtime.bench import bench
 
 
@@ -24,7 +24,7 @@ def exported(tmp_path_factory):
 
 def test_bench_reports_medians_for_the_fused_graph(exported):
     result = bench(exported / "out", batch=2, prompt_tokens=16, new_tokens=8, runs=2)
-    assert result.graph == "fused/model.onnx" and result.batch == 2 and result.runs == 2
+    assert result.graph == "fused.onnx" and result.batch == 2 and result.runs == 2
     assert 0 < result.prefill_ms <= result.time_to_first_token_ms
     assert result.aggregate_tokens_per_s == pytest.approx(2 * result.decode_tokens_per_s)
     assert result.decode_tokens_per_s == pytest.approx(1000 / result.decode_ms_per_step)

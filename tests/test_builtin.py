@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from starcast.builtin import builtin_model_path, held_out_text
+from starcast.contract.builtin import builtin_model_path, held_out_text
 from starcast.exporter.checkpoint import load_model, open_checkpoint
-from starcast.exporter.export import export
-from starcast.graphs.quantize import window_nll
+from starcast.pipeline.accuracy import window_nll
+from starcast.pipeline.export import export
 from starcast.runtime.generator import Generator
 from starcast.runtime.session import create_session
 from starcast.runtime.text import Tokenizer
@@ -76,6 +76,6 @@ def test_fused_greedy_equals_pytorch_reference(shipped):
             expected.append(int(logits[0, -1].argmax()))
             ids = torch.tensor([[expected[-1]]])
     generator = Generator.from_pretrained(shipped, graph="fused")
-    assert generator.graph_file == "fused/model.onnx"
+    assert generator.graph_file == "fused.onnx"
     out = generator.generate(np.array([prompt]), max_new_tokens=40, eos_token_id=None)
     assert out[0, len(prompt) :].tolist() == expected

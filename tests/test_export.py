@@ -10,18 +10,18 @@ import pytest
 import torch
 from conftest import VARIANTS, left_padded_batch, save_hf_checkpoint
 
+from starcast.contract.interfaces import concat_inputs, positions_from_mask
 from starcast.exporter.checkpoint import load_model, open_checkpoint
-from starcast.exporter.export import export, recheck
-from starcast.exporter.onnx_export import input_names
+from starcast.pipeline.check import check_export
+from starcast.pipeline.export import export
 from starcast.runtime.session import create_session
-from starcast.runtime.steps import positions_from_mask
 
 
 def run_steps(folder, ids, mask, steps, dtype=np.float32):
     """Greedy: prompt step then `steps` decode steps through ONNX Runtime; yields (logits, valid-mask) per step."""
     session = create_session(folder / "model.onnx")
     cfg = load_config(folder)
-    names = input_names(cfg)
+    names = concat_inputs(cfg.n_layer)
     past = [np.zeros(cfg.cache_shape(ids.shape[0], 0), dtype) for _ in range(cfg.n_layer)]
     for _ in range(steps + 1):
         feeds = dict(zip(names, [ids, mask, positions_from_mask(mask)[:, -ids.shape[1] :], *past], strict=True))
@@ -32,7 +32,7 @@ def run_steps(folder, ids, mask, steps, dtype=np.float32):
 
 
 def load_config(folder):
-    from starcast.exporter.config import GPTBigCodeConfig
+    from starcast.contract.config import GPTBigCodeConfig
 
     return GPTBigCodeConfig.from_file(folder / "config.json")
 
@@ -52,7 +52,7 @@ def reference_steps(model, ids, mask, steps):
 def test_onnx_matches_reference_fp32(tmp_path, variant):
     folder, _ = save_hf_checkpoint(tmp_path / "ckpt", **VARIANTS[variant])
     manifest = export(str(folder), tmp_path / "out", fuse_target=None)
-    assert manifest["parity"]["passed"]
+    assert manifest.plain.parity.passed
     model = load_model(open_checkpoint(str(folder)))
     ids, mask = left_padded_batch(96, [6, 3, 1])
     steps = zip(run_steps(tmp_path / "out", ids, mask, 4), reference_steps(model, ids, mask, 4), strict=True)
@@ -79,8 +79,8 @@ def test_onnx_matches_transformers_directly(checkpoint, tmp_path):
 def test_fp16_export_loads_in_onnxruntime_and_matches(tmp_path, multi_query):
     folder, _ = save_hf_checkpoint(tmp_path / "ckpt", multi_query=multi_query)
     manifest = export(str(folder), tmp_path / "out", dtype="fp16", fuse_target=None)
-    parity = manifest["parity"]
-    assert parity["passed"] and parity["kind"] == "rel" and parity["prompt_error"] < 2e-2
+    parity = manifest.plain.parity
+    assert parity.passed and parity.kind == "rel" and parity.measured["prompt_error"] < 2e-2
     proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert proto.ir_version == 10
     float_inits = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in proto.graph.initializer if t.dims}
@@ -100,11 +100,11 @@ def test_plain_graph_contract(checkpoint, tmp_path):
     assert proto.opset_import[0].version == 17 and proto.ir_version == 10
     assert {node.domain for node in proto.graph.node} <= {""}  # standard ONNX only
     assert not {"If", "Loop"} & {node.op_type for node in proto.graph.node}
-    inputs = {v["name"]: v for v in manifest["io"]["inputs"]}
+    inputs = {v["name"]: v for v in manifest.plain.io["inputs"]}
     assert inputs["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
     assert inputs["attention_mask"]["shape"] == ["batch", "total_sequence"]
     assert inputs["past_key_values.1.key_value"]["shape"] == ["batch", "past_sequence", 16]
-    outputs = {v["name"]: v for v in manifest["io"]["outputs"]}
+    outputs = {v["name"]: v for v in manifest.plain.io["outputs"]}
     assert outputs["logits"]["shape"] == ["batch", "sequence", 96]
     assert outputs["present.0.key_value"]["shape"] == ["batch", "total_sequence", 16]
     names = {init.name for init in proto.graph.initializer}
@@ -118,7 +118,7 @@ def test_manifest_records_versions_hashes_and_parity(checkpoint, tmp_path):
     export(str(folder), tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "starcast.json").read_text())
     assert set(manifest["versions"]) >= {"starcast", "torch", "onnx", "onnxruntime"}
-    assert set(manifest["files"]) == {"model.onnx", "fused/model.onnx", "config.json", "generation_config.json"}
+    assert set(manifest["files"]) == {"model.onnx", "fused.onnx", "config.json", "generation_config.json"}
     assert manifest["fused"]["target"] == "cpu" and manifest["fused"]["parity"]["passed"]
     assert manifest["parity"]["passed"] and manifest["parity"]["tolerance"] == 1e-4
     assert manifest["config"]["n_layer"] == 2 and manifest["dtype"] == "fp32"
@@ -127,13 +127,14 @@ def test_manifest_records_versions_hashes_and_parity(checkpoint, tmp_path):
 def test_check_reruns_parity_and_detects_modified_files(checkpoint, tmp_path):
     folder, _ = checkpoint
     export(str(folder), tmp_path / "out", fuse_target=None)
-    assert recheck(tmp_path / "out").passed
+    lines = check_export(tmp_path / "out", source=str(folder)).lines
+    assert lines[-1].startswith("parity ok")
     with open(tmp_path / "out" / "model.onnx", "ab") as handle:
         handle.write(b"\0")
-    from starcast.errors import UserError
+    from starcast.contract.errors import UserError
 
     with pytest.raises(UserError, match="does not match its sha256"):
-        recheck(tmp_path / "out")
+        check_export(tmp_path / "out", source=str(folder))
 
 
 def test_sharded_safetensors_and_bin_checkpoints_load_identically(tmp_path):

@@ -6,36 +6,29 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import pytest
-from conftest import VARIANTS, left_padded_batch, save_hf_checkpoint
+from conftest import VARIANTS, save_hf_checkpoint
 
-from starcast.errors import UserError
-from starcast.exporter.config import GPTBigCodeConfig
-from starcast.exporter.export import export
-from starcast.exporter.manifest import file_hashes
-from starcast.graphs.optimize import optimize_export, steps_for
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.contract.errors import UserError
+from starcast.contract.manifest import file_hashes
+from starcast.pipeline.derive import optimize_export
+from starcast.pipeline.export import export
+from starcast.pipeline.proof import greedy_side_by_side as side_by_side
 
 DECODE_STEPS = 32
 
 
 def greedy_side_by_side(folder, interface, dtype, lengths=(7, 4, 1)):
-    """Prompt + 32 greedy steps through plain and fused graph; returns (max error, relative scale, same tokens)."""
+    """Prompt + 32 greedy steps through plain and fused graph; returns the max error (relative for fp16)."""
     config = GPTBigCodeConfig.from_file(folder / "config.json")
-    ids, mask = left_padded_batch(config.vocab_size, list(lengths))
-    plain = steps_for(folder, "model.onnx", "concat-cache", config, len(lengths), dtype)
-    fused = steps_for(folder, "fused/model.onnx", interface, config, len(lengths), dtype)
-    expected = plain.prefill(ids, mask).astype(np.float64)
-    ours = fused.prefill(ids, mask).astype(np.float64)
-    worst, scale = 0.0, 0.0
-    for _ in range(DECODE_STEPS):
-        worst, scale = max(worst, np.abs(ours - expected).max()), max(scale, np.abs(expected).max())
-        tokens = expected.argmax(-1)
-        assert (ours.argmax(-1) == tokens).all(), "greedy tokens differ"
-        expected = plain.decode_one_token(tokens).astype(np.float64)
-        ours = fused.decode_one_token(tokens).astype(np.float64)
-    return worst, scale
+    report = side_by_side(
+        (folder / "model.onnx", "concat-cache"), (folder / "fused.onnx", interface), config, dtype, "fused",
+        steps=DECODE_STEPS, lengths=lengths,
+    )  # fmt: skip
+    assert report.same_tokens, "greedy tokens differ"
+    return report.max_error
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +46,9 @@ def plain_exports(tmp_path_factory):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_fused_matches_plain_fp32(plain_exports, tmp_path, variant, target):
     manifest = optimize_export(plain_exports[variant], tmp_path / "fused", target, overwrite=False)
-    fused = manifest["fused"]
-    n_layer = manifest["config"]["n_layer"]
-    ops = fused["histogram_after"]
+    fused = manifest.fused
+    n_layer = manifest.config.n_layer
+    ops = fused.report["histogram_after"]
     assert ops["SkipLayerNormalization"] == 2 * n_layer + 1
     if "relu" not in variant:
         assert ops.get("FastGelu", 0) + ops.get("BiasGelu", 0) == n_layer
@@ -63,9 +56,8 @@ def test_fused_matches_plain_fp32(plain_exports, tmp_path, variant, target):
         assert ops["GroupQueryAttention"] == n_layer and "Softmax" not in ops
     else:
         assert "GroupQueryAttention" not in ops and ops["Softmax"] == n_layer
-    assert fused["nodes"]["after"] < fused["nodes"]["before"]
-    worst, _ = greedy_side_by_side(tmp_path / "fused", fused["interface"], "fp32")
-    assert worst < 1e-4
+    assert fused.report["nodes"]["after"] < fused.report["nodes"]["before"]
+    assert greedy_side_by_side(tmp_path / "fused", fused.interface, "fp32") < 1e-4
 
 
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
@@ -73,14 +65,13 @@ def test_fused_matches_plain_fp32(plain_exports, tmp_path, variant, target):
 def test_fused_matches_plain_fp16(tmp_path, target, multi_query):
     folder, _ = save_hf_checkpoint(tmp_path / "ckpt", multi_query=multi_query)
     manifest = export(str(folder), tmp_path / "out", dtype="fp16", fuse_target=target)
-    worst, scale = greedy_side_by_side(tmp_path / "out", manifest["fused"]["interface"], "fp16")
-    assert worst / scale < 2e-2
+    assert greedy_side_by_side(tmp_path / "out", manifest.fused.interface, "fp16") < 2e-2
 
 
 def test_fused_interface_recorded_in_manifest(plain_exports, tmp_path):
     manifest = optimize_export(plain_exports["mq-tanh-tied"], tmp_path / "fused", "cuda", overwrite=False)
     recorded = json.loads((tmp_path / "fused" / "starcast.json").read_text())["fused"]
-    assert recorded == json.loads(json.dumps(manifest["fused"]))
+    assert recorded == json.loads(json.dumps(manifest.fused.to_json()))
     inputs = {v["name"]: v for v in recorded["io"]["inputs"]}
     assert inputs["seqlens_k"]["dtype"] == "int32" and inputs["total_sequence_length"]["shape"] == []
     assert inputs["past_key_values.0.key"]["shape"] == ["batch", 1, "max_sequence_length", 8]
@@ -88,7 +79,7 @@ def test_fused_interface_recorded_in_manifest(plain_exports, tmp_path):
     outputs = {v["name"] for v in recorded["io"]["outputs"]}
     assert {"logits", "present.0.key", "present.1.value"} <= outputs
     assert recorded["nodes_per_layer"]["after"] < recorded["nodes_per_layer"]["before"]
-    proto = onnx.load(str(tmp_path / "fused" / "fused" / "model.onnx"))
+    proto = onnx.load(str(tmp_path / "fused" / "fused.onnx"))
     gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
     assert {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}["kv_num_heads"] == 1
 

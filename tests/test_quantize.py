@@ -9,11 +9,11 @@ import onnx
 import pytest
 from conftest import CORPUS, left_padded_batch, save_checkpoint_with_tokenizer
 
-from starcast.errors import UserError
-from starcast.exporter.export import export
-from starcast.exporter.manifest import file_hashes
-from starcast.graphs.quantize import quantize_export
-from starcast.progress import QUIET
+from starcast.contract.errors import UserError
+from starcast.contract.manifest import file_hashes
+from starcast.pipeline.derive import quantize_export
+from starcast.pipeline.export import export
+from starcast.pipeline.progress import QUIET
 from starcast.runtime.generator import Generator
 
 
@@ -29,13 +29,13 @@ def source(tmp_path_factory):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_graphs_run_and_record_accuracy(source, tmp_path, bits):
     before = file_hashes(source / "out")
-    manifest = quantize_export(source / "out", tmp_path / "q", bits, 32, source / "eval.txt", False, QUIET)
+    manifest = quantize_export(source / "out", tmp_path / "q", f"int{bits}", 32, source / "eval.txt", False, QUIET)
     assert file_hashes(source / "out") == before  # the source export is untouched
-    quant = manifest["quantization"]
-    n_layer = manifest["config"]["n_layer"]
+    quant = manifest.quantization
+    n_layer = manifest.config.n_layer
     assert quant["graphs"] == {
         "model.onnx": {"matmul_nbits": 4 * n_layer + 1},
-        "fused/model.onnx": {"matmul_nbits": 4 * n_layer + 1},
+        "fused.onnx": {"matmul_nbits": 4 * n_layer + 1},
     }
     accuracy = quant["accuracy"]
     assert accuracy["eval_tokens"] >= 128 and accuracy["perplexity_float"] > 1
@@ -48,7 +48,7 @@ def test_quantized_graphs_run_and_record_accuracy(source, tmp_path, bits):
     assert not [
         n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in proto.graph.initializer}
     ]
-    ids, mask = left_padded_batch(manifest["config"]["vocab_size"], [6, 3])
+    ids, mask = left_padded_batch(manifest.config.vocab_size, [6, 3])
     for graph in ("plain", "fused"):
         out = Generator.from_pretrained(tmp_path / "q", graph=graph).generate(ids, mask, max_new_tokens=8)
         assert out.shape == (2, 14)
@@ -58,15 +58,15 @@ def test_quantized_graphs_run_and_record_accuracy(source, tmp_path, bits):
 
 
 def test_bad_quantization_requests_are_refused(source, tmp_path):
-    with pytest.raises(UserError, match="bit width 3"):
-        quantize_export(source / "out", tmp_path / "a", 3, 32, None, False, QUIET)
+    with pytest.raises(UserError, match="quantization 'int3'"):
+        quantize_export(source / "out", tmp_path / "a", "int3", 32, None, False, QUIET)
     with pytest.raises(UserError, match="block size 48"):
-        quantize_export(source / "out", tmp_path / "a", 4, 48, None, False, QUIET)
+        quantize_export(source / "out", tmp_path / "a", "int4", 48, None, False, QUIET)
     (tmp_path / "short.txt").write_text("x = 1\n")
     with pytest.raises(UserError, match="too short"):
-        quantize_export(source / "out", tmp_path / "a", 4, 32, tmp_path / "short.txt", False, QUIET)
+        quantize_export(source / "out", tmp_path / "a", "int4", 32, tmp_path / "short.txt", False, QUIET)
     assert not (tmp_path / "a").exists()
-    quantize_export(source / "out", tmp_path / "q", 4, 32, None, False, QUIET)
+    quantize_export(source / "out", tmp_path / "q", "int4", 32, None, False, QUIET)
     with pytest.raises(UserError, match="already quantized"):
-        quantize_export(tmp_path / "q", tmp_path / "b", 8, 32, None, False, QUIET)
+        quantize_export(tmp_path / "q", tmp_path / "b", "int8", 32, None, False, QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "short.txt"]

@@ -8,8 +8,8 @@ import torch
 from conftest import VARIANTS, left_padded_batch, save_hf_checkpoint
 from transformers import DynamicCache
 
+from starcast.contract.interfaces import positions_from_mask
 from starcast.exporter.checkpoint import load_model, open_checkpoint
-from starcast.runtime.steps import positions_from_mask
 
 DECODE_STEPS = 3
 

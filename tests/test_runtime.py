@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import left_padded_batch, save_checkpoint_with_tokenizer, save_hf_checkpoint
 
-from starcast.errors import UserError
-from starcast.exporter.export import export
+from starcast.contract.errors import UserError
+from starcast.pipeline.export import export
 from starcast.runtime.generator import Generator
 from starcast.runtime.text import StreamDecoder, Tokenizer
 
@@ -183,19 +183,19 @@ def test_bad_inputs_are_clear_errors(exports, tmp_path):
     (broken / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
     with pytest.raises(UserError, match="does not match"):
         Generator.from_pretrained(broken)
-    (broken / "fused" / "model.onnx").unlink()
-    with pytest.raises(UserError, match="fused/model.onnx is missing"):
+    (broken / "fused.onnx").unlink()
+    with pytest.raises(UserError, match="fused.onnx is missing"):
         Generator.from_pretrained(broken)
 
 
 def test_cuda_provider_that_cannot_load_is_an_error_not_a_fallback(exports):
     import onnxruntime as ort
 
-    from starcast.runtime.session import create_session
+    from starcast.runtime.session import SessionOptions, create_session
 
     folder, _ = exports[True, "cuda"]
     try:
-        session = create_session(folder / "model.onnx", "cuda")
+        session = create_session(folder / "model.onnx", SessionOptions("cuda"))
     except UserError as exc:
         assert "provider 'cuda'" in str(exc) and "\n" not in str(exc)
         return

@@ -13,11 +13,11 @@ import pytest
 from conftest import left_padded_batch, save_hf_checkpoint
 from onnx import TensorProto, helper
 
-from starcast.errors import UserError
-from starcast.exporter.config import GPTBigCodeConfig
-from starcast.exporter.export import export
-from starcast.exporter.tensorrt import Limits
-from starcast.exporter.trt_check import check_trt_ready
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.contract.errors import UserError
+from starcast.pipeline.export import export
+from starcast.runtime.tensorrt.builder import Limits
+from starcast.runtime.tensorrt.ready import check_trt_ready
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -40,7 +40,7 @@ def starcast(*args):
 def test_plain_graph_is_trt_ready_and_fused_graph_is_not(exported):
     plain = check_trt_ready(exported / "out" / "model.onnx")
     assert plain.ready, plain.lines()
-    fused = check_trt_ready(exported / "out" / "fused" / "model.onnx")
+    fused = check_trt_ready(exported / "out" / "fused.onnx")
     assert not fused.ready
     assert any("com.microsoft::GroupQueryAttention" in p for p in fused.problems)
     result = starcast("check", "--trt-ready", exported / "out")
@@ -93,8 +93,8 @@ def test_format_trt_without_tensorrt_fails_before_any_work(exported, tmp_path):
     result = starcast("export", exported / "ckpt", tmp_path / "out", "--format", "trt")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "starcast: error: TensorRT is not installed: pip install 'starcast[tensorrt]' (its wheels need NVIDIA's "
-        "package index)"
+        "starcast: error: TensorRT needs starcast's 'tensorrt' extra (tensorrt is not installed): "
+        "pip install 'starcast[tensorrt]'"
     ]
     assert not (tmp_path / "out").exists()
     assert starcast("build-engine", exported / "out").returncode == 2
@@ -114,8 +114,6 @@ def test_engine_greedy_ids_match_onnxruntime(exported):  # pragma: no cover - ne
         "16",
         "--max-length",
         "64",
-        "--precision",
-        "fp32",
     )
     assert result.returncode == 0, result.stderr
     ids, mask = left_padded_batch(96, [7, 3])

@@ -15,9 +15,7 @@ import argparse
 import json
 import math
 import random
-import sysconfig
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,30 +24,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from starcast.exporter.config import GPTBigCodeConfig
+from starcast.contract.builtin import split_stdlib
+from starcast.contract.config import GPTBigCodeConfig
 from starcast.exporter.random_checkpoint import random_model
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
 VOCAB_SIZE = 4096
 CONTEXT = 256
-SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
-
-
-def is_held_out(relative: str) -> bool:
-    """About 5% of modules, chosen by a stable hash of their path, never seen in training."""
-    return zlib.crc32(relative.encode()) % 20 == 0
-
-
-def stdlib_sources() -> tuple[list[str], list[str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    train, held_out = [], []
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).as_posix()
-        if SKIP_PARTS & set(relative.split("/")) or relative.startswith("test"):
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        (held_out if is_held_out(relative) else train).append(text)
-    return train, held_out
 
 
 def train_tokenizer(texts: list[str]) -> Tokenizer:
@@ -124,7 +105,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.time()
 
-    train_texts, held_texts = stdlib_sources()
+    train_texts, held_texts = split_stdlib()
     tokenizer = train_tokenizer(train_texts)
     train_stream = token_stream(tokenizer, train_texts, fim_rate=0.5, seed=0)
     held_stream = token_stream(tokenizer, held_texts, fim_rate=0.0, seed=1)

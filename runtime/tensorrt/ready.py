@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
+from starcast.contract.graph_files import external_data_files, load_header
 
 MAX_OPSET = 20  # TensorRT 10.x's ONNX parser reads opsets 9 to 20
 PROFILE_AXES = {"batch", "sequence", "past_sequence", "total_sequence"}
@@ -92,7 +92,7 @@ class TrtReport:
 
 def check_trt_ready(model_path: Path) -> TrtReport:
     report = TrtReport()
-    proto = onnx.load(str(model_path), load_external_data=False)
+    proto = load_header(model_path)
     graph = proto.graph
     nodes = list(graph.node)
 
@@ -118,17 +118,12 @@ def check_trt_ready(model_path: Path) -> TrtReport:
     else:
         report.checked.append(f"opset {opset}")
 
-    locations = {
-        entry.value
-        for init in graph.initializer
-        if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data
-        if entry.key == "location"
-    }
-    if len(locations) > 1 or any("/" in loc or not (model_path.parent / loc).is_file() for loc in locations):
-        report.problems.append(f"external data must be one file beside the model, found {sorted(locations)}")
+    files = external_data_files(proto, model_path)  # confined to the model's folder, or a one-line error
+    beside = {path.name for path in files if path.parent == model_path.parent.resolve()}
+    if len(files) > 1 or len(beside) != len(files):
+        report.problems.append(f"external data must be one file beside the model, found {sorted(map(str, files))}")
     else:
-        report.checked.append(f"weights {'in ' + next(iter(locations)) if locations else 'inside the model'}")
+        report.checked.append(f"weights {'in ' + next(iter(beside)) if beside else 'inside the model'}")
 
     axes = {
         dim.dim_param

@@ -26,16 +26,13 @@ class Progress:
         self.timings[name] = round(elapsed, 3)
         self.say(f"[{name}] done in {elapsed:.1f} s")
 
-    def bar(self, label: str, total: int) -> Callable[[], None]:
-        """A callback that advances a progress bar on stderr (drawn only when stderr is a terminal)."""
-        if not (self.enabled and sys.stderr.isatty() and total > 0):
-            return lambda: None
-        count = 0
+    def bar(self, label: str) -> Callable[[int, int], None]:
+        """A callback `(done, total)` that draws a progress bar on stderr (only when stderr is a terminal)."""
+        if not (self.enabled and sys.stderr.isatty()):
+            return lambda count, total: None
 
-        def tick() -> None:
-            nonlocal count
-            count += 1
-            filled = 30 * count // total
+        def tick(count: int, total: int) -> None:
+            filled = 30 * count // max(total, 1)
             end = "\n" if count >= total else ""
             print(
                 f"\r[{label}] [{'#' * filled}{'.' * (30 - filled)}] {count}/{total}",

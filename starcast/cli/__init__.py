@@ -1,0 +1,75 @@
+"""The `starcast` command line. This module imports nothing heavy, so that an interrupt during start-up is
+handled like any other: `main` installs the handlers first, then loads the commands."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that temporary folders are removed as on Ctrl-C."""
+
+
+def on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def say(message: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(message, file=sys.stderr, flush=True)
+
+
+def silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so that Python's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors are one line on stderr and exit code 2, a failed proof exit code 1, never a
+    traceback."""
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        say("starcast: interrupted")
+        sys.exit(130)
+    except Terminated:
+        say("starcast: terminated")
+        sys.exit(143)
+    except BrokenPipeError:  # `starcast generate ... | head -1`: the reader left; nothing to report
+        silence_stdout()
+        sys.exit(141)
+
+
+def run(argv: list[str] | None) -> None:
+    import click
+
+    from starcast.cli.app import cli
+    from starcast.contract.errors import ParityError, UserError
+
+    try:
+        cli.main(args=argv, prog_name="starcast", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+    except click.exceptions.Abort:
+        say("starcast: aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        say(f"starcast: error: {exc.format_message()}")
+        sys.exit(2)
+    except UserError as exc:
+        say(f"starcast: error: {' '.join(str(exc).split())}")
+        sys.exit(2)
+    except ParityError as exc:
+        say(f"starcast: proof failed: {' '.join(str(exc).split())}")
+        sys.exit(1)
+    except MemoryError:
+        say("starcast: error: out of memory (try a smaller batch or maximum length)")
+        sys.exit(2)

@@ -1,0 +1,167 @@
+"""Commands that make and prove exports: export, optimize, quantize, build-engine, check, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from starcast.cli.app import (
+    block_size_option,
+    cli,
+    dtype_option,
+    engine_options,
+    overwrite_option,
+    quantize_option,
+    target_option,
+)
+from starcast.contract.errors import MissingExtra, UserError
+
+
+def require_export_extra(what: str) -> None:
+    """One line naming the extra, before any work, when the exporter's packages are missing."""
+    import importlib.util
+
+    for module in ("torch", "onnxscript", "onnx_ir", "safetensors"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtra(what, "export", module)
+
+
+def progress(quiet: bool = False):
+    from starcast.pipeline.progress import Progress
+
+    return Progress(not quiet)
+
+
+@cli.command("export")
+@click.argument("model")
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@dtype_option
+@target_option
+@click.option("--no-fuse", is_flag=True, help="Write only the plain graph.")
+@quantize_option
+@block_size_option
+@click.option("--format", "fmt", type=click.Choice(("onnx", "trt")), default="onnx", show_default=True,
+              help="trt adds a TensorRT engine.")  # fmt: skip
+@engine_options
+@overwrite_option
+@click.option("--quiet", is_flag=True, help="No stage lines on stderr.")
+def export_command(
+    model: str, output_dir: Path, dtype: str, target: str, no_fuse: bool, quantization: str | None,
+    block_size: str, fmt: str, max_batch: int, max_prompt: int, max_length: int, overwrite: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """Export MODEL (a checkpoint folder, Hub id or builtin:tiny-python) to OUTPUT_DIR as ONNX, proven against
+    PyTorch."""
+    require_export_extra("starcast export")
+    engine = None
+    if fmt == "trt":
+        from starcast.runtime.tensorrt.builder import Limits, require_tensorrt
+
+        require_tensorrt()  # before any export work
+        engine = Limits(max_batch, max_prompt, max_length)
+    if target == "cuda" and dtype == "fp32" and not no_fuse:
+        raise UserError(
+            "--target cuda needs --dtype fp16: ONNX Runtime's CUDA GroupQueryAttention has fp16 and bf16 kernels "
+            "only, and an fp32 graph would run its attention on the CPU"
+        )
+    from starcast.pipeline.export import export
+
+    quantize = (quantization, int(block_size)) if quantization else None
+    manifest = export(
+        model, output_dir, dtype, overwrite, None if no_fuse else target, engine, quantize, progress(quiet)
+    )
+    fused = f" + fused graph for {target}" if not no_fuse else ""
+    click.echo(f"exported {manifest.parameters / 1e6:.1f}M parameters ({dtype}){fused} to {output_dir}")
+
+
+@cli.command("optimize")
+@click.argument("plain_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@target_option
+@overwrite_option
+def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: bool) -> None:
+    """Fuse an existing plain export into OUTPUT_DIR (PLAIN_DIR is left untouched)."""
+    require_export_extra("starcast optimize")
+    from starcast.pipeline.derive import optimize_export
+
+    manifest = optimize_export(plain_dir, output_dir, target, overwrite, progress())
+    if target == "cuda" and manifest.dtype == "fp32":
+        click.echo(
+            "note: an fp32 cuda-target graph runs on the CPU provider only (for tests); use fp16 on CUDA", err=True
+        )
+    report = manifest.fused.report
+    click.echo(
+        f"fused for {target}: {report['nodes']['before']} -> {report['nodes']['after']} nodes "
+        f"({report['nodes_per_layer']['before']} -> {report['nodes_per_layer']['after']} per layer), "
+        f"fused ops {report['fused_ops']}, written to {output_dir}"
+    )
+
+
+@cli.command("quantize")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--quantize", "quantization", type=click.Choice(("int8", "int4")), default="int4", show_default=True)
+@block_size_option
+@click.option("--eval-text", type=click.Path(path_type=Path), help="Text to measure perplexity on (first MiB).")
+@overwrite_option
+def quantize_command(
+    export_dir: Path, output_dir: Path, quantization: str, block_size: str, eval_text: Path | None, overwrite: bool
+) -> None:
+    """Weight-only int8/int4 quantization of EXPORT_DIR's graphs into OUTPUT_DIR, with measured accuracy."""
+    require_export_extra("starcast quantize")
+    from starcast.pipeline.derive import quantize_export
+
+    manifest = quantize_export(export_dir, output_dir, quantization, int(block_size), eval_text, overwrite, progress())
+    click.echo(json.dumps(manifest.quantization["accuracy"], indent=2))
+
+
+@cli.command("build-engine")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@engine_options
+@click.option("--overwrite", is_flag=True, help="Rebuild an existing engine (reusing its timing cache).")
+def build_engine_command(export_dir: Path, max_batch: int, max_prompt: int, max_length: int, overwrite: bool) -> None:
+    """Build a TensorRT engine (prompt and decode profiles) from EXPORT_DIR's plain graph into EXPORT_DIR/trt."""
+    from starcast.pipeline.engine import build_engine_in_place
+    from starcast.runtime.tensorrt.builder import Limits
+
+    manifest = build_engine_in_place(export_dir, Limits(max_batch, max_prompt, max_length), overwrite, progress())
+    click.echo(f"built {manifest.tensorrt['engine']} with TensorRT {manifest.tensorrt['tensorrt']}")
+
+
+@cli.command("check")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--source", help="The checkpoint to re-prove against (built-in sources are found by name).")
+@click.option("--files-only", is_flag=True, help="Only the sha256 of every file and that each graph loads.")
+@click.option("--trt-ready", is_flag=True, help="Only check that TensorRT's ONNX parser can build the plain graph.")
+def check_command(export_dir: Path, source: str | None, files_only: bool, trt_ready: bool) -> None:
+    """Re-prove EXPORT_DIR: file hashes, the fused graph against the plain graph, the plain graph against the
+    PyTorch reference."""
+    if trt_ready:
+        from starcast.contract.manifest import read_manifest
+        from starcast.runtime.tensorrt.ready import check_trt_ready
+
+        folder = export_dir.expanduser().absolute()
+        manifest = read_manifest(folder)
+        report = check_trt_ready(manifest.path(folder, manifest.plain.model))
+        click.echo("\n".join(report.lines()))
+        if not report.ready:
+            sys.exit(1)
+        return
+    from starcast.pipeline.check import check_export
+
+    report = check_export(export_dir, source, files_only, progress())
+    click.echo("\n".join(f"{export_dir}: {line}" for line in report.lines))
+
+
+@cli.command("demo")
+@click.option("--output", type=click.Path(path_type=Path), help="Keep the export here (default: a temporary folder).")
+@overwrite_option
+def demo_command(output: Path | None, overwrite: bool) -> None:
+    """Export the built-in trained model, fuse and prove it, then stream a completion and fill in the middle."""
+    require_export_extra("starcast demo")
+    from starcast.demo import run_demo
+
+    summary = run_demo(output, overwrite)
+    click.echo(json.dumps(summary, indent=2))

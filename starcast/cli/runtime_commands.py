@@ -1,0 +1,99 @@
+"""Commands that run exports (the runtime alone, no PyTorch): generate, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from starcast.cli.app import cli, session_options, stage_line
+from starcast.contract.errors import UserError
+
+
+def open_generator(export_dir: Path, provider: str, device_id: int, graph: str, threads: int, tf32: bool,
+                   verbose: bool, max_length: int | None = None, quiet: bool = False):  # fmt: skip
+    from starcast.runtime.generator import Generator
+
+    generator = Generator.from_pretrained(
+        export_dir, provider=provider, graph=graph, max_length=max_length, threads=threads, device_id=device_id,
+        tf32=tf32, verbose=verbose,
+    )  # fmt: skip
+    if not quiet:
+        stage_line(f"[graph] {generator.graph_note} on {provider}")
+    return generator
+
+
+def parse_ids(ids: str) -> list[int]:
+    try:
+        tokens = [int(t) for t in ids.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--ids: not a comma-separated list of integers: {ids!r}") from None
+    if not tokens:
+        raise UserError("--ids: no token ids given")
+    return tokens
+
+
+@cli.command("generate")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Text to continue (needs the export's tokenizer.json).")
+@click.option("--ids", help="Comma-separated token ids to continue, instead of --prompt.")
+@click.option("--fim-suffix", help="Fill in the middle: --prompt is the prefix, this the suffix.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), help="Seed for reproducible sampling.")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop before this string (repeatable).")
+@click.option("--stream", is_flag=True, help="Print text as it is decoded.")
+@click.option("--quiet", is_flag=True, help="No [graph] line on stderr.")
+@session_options
+def generate_command(
+    export_dir: Path, prompt: str | None, ids: str | None, fim_suffix: str | None, max_new_tokens: int,
+    stop_strings: tuple[str, ...], stream: bool, quiet: bool, provider: str, device_id: int, graph: str,
+    threads: int, tf32: bool, verbose: bool, **sampling,
+) -> None:  # fmt: skip
+    """Generate from EXPORT_DIR: text with --prompt, token ids with --ids."""
+    if (prompt is None) == (ids is None):
+        raise UserError("give exactly one of --prompt and --ids")
+    if fim_suffix is not None and prompt is None:
+        raise UserError("--fim-suffix needs --prompt (the prefix)")
+    tokens = parse_ids(ids) if ids is not None else None
+    generator = open_generator(export_dir, provider, device_id, graph, threads, tf32, verbose, quiet=quiet)
+    if tokens is not None:
+        out = generator.generate([tokens], max_new_tokens=max_new_tokens, **sampling)
+        click.echo(",".join(map(str, out[0])))
+        return
+    if fim_suffix is not None:
+        prompt = generator.require_tokenizer().fim_prompt(prompt, fim_suffix)
+    pieces = generator.stream(prompt, max_new_tokens, list(stop_strings), **sampling)
+    if stream:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
+    else:
+        click.echo("".join(pieces))
+
+
+@cli.command("bench")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs after a warm-up.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@session_options
+def bench_command(
+    export_dir: Path, batch: int, prompt_tokens: int, new_tokens: int, runs: int, as_json: bool, provider: str,
+    device_id: int, graph: str, threads: int, tf32: bool, verbose: bool,
+) -> None:  # fmt: skip
+    """Time prefill, first token and decode of EXPORT_DIR; report medians and peak memory."""
+    from starcast.runtime.bench import bench
+
+    result = bench(
+        export_dir, batch, prompt_tokens, new_tokens, provider, graph, runs, threads, device_id=device_id, tf32=tf32,
+        verbose=verbose,
+    )  # fmt: skip
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())

@@ -1,0 +1,60 @@
+"""`starcast optimize` and `starcast quantize`: a new export folder derived from an existing one, which is never
+modified. The source's files are checked against its manifest, copied (by the names the manifest lists, each
+confined to the source folder) into a folder being built beside the output, changed there, proven, and moved
+into place atomically."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from starcast.contract.errors import UserError
+from starcast.contract.manifest import Manifest, read_manifest, verify_files, write_manifest
+from starcast.graphs.quantize import check_options
+from starcast.pipeline.derived import add_fused, add_quantization
+from starcast.pipeline.folders import atomic_folder, check_output
+from starcast.pipeline.progress import QUIET, Progress
+
+
+def derive_export(source: Path, output: Path, overwrite: bool, change: Callable[[Path, Manifest], None]) -> Manifest:
+    source = source.expanduser().absolute()
+    manifest = read_manifest(source)
+    output = check_output(output, overwrite, inputs=(source,))
+    verify_files(source, manifest)
+    with atomic_folder(output, overwrite) as tmp:
+        for name in manifest.files:
+            target = tmp.joinpath(*PurePosixPath(name).parts)  # `name` was confined when the manifest was read
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest.path(source, name), target)
+        change(tmp, manifest)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def optimize_export(source: Path, output: Path, target: str, overwrite: bool, progress: Progress = QUIET) -> Manifest:
+    """`starcast optimize`: a new export folder = the plain export + its fused graph."""
+    manifest = read_manifest(source.expanduser().absolute())
+    if manifest.fused is not None:
+        raise UserError(f"{source}: already has a fused graph ({manifest.fused.target}); nothing to do")
+
+    def fuse(folder: Path, manifest: Manifest) -> None:
+        add_fused(folder, manifest, target, progress)
+
+    return derive_export(source, output, overwrite, fuse)
+
+
+def quantize_export(
+    source: Path, output: Path, quantization: str, block_size: int, eval_text: Path | None, overwrite: bool,
+    progress: Progress = QUIET,
+) -> Manifest:  # fmt: skip
+    """`starcast quantize EXPORT_DIR OUT`: a new export folder with quantized graphs."""
+    check_options(quantization, block_size)
+    manifest = read_manifest(source.expanduser().absolute())
+    if manifest.quantization is not None:
+        raise UserError(f"{source}: already quantized ({manifest.quantization.get('quantization')})")
+
+    def quantize(folder: Path, manifest: Manifest) -> None:
+        add_quantization(folder, manifest, quantization, block_size, eval_text, progress)
+
+    return derive_export(source, output, overwrite, quantize)

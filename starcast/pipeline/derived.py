@@ -1,0 +1,113 @@
+"""What an export derives from its plain graph, each proven before it is recorded: the fused graph, the
+quantized graphs, the TensorRT engine. Each works inside a folder starcast is building (a temporary folder, or
+its own `trt/` staging folder) and fills in the manifest."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from starcast.contract import interfaces as io
+from starcast.contract.errors import ParityError, UserError
+from starcast.contract.graph_files import FUSED_MODEL, io_signature, load_header, weights_file
+from starcast.contract.manifest import GraphRecord, Manifest, Proof
+from starcast.contract.paths import confine
+from starcast.graphs.fuse import fuse_file
+from starcast.graphs.quantize import SETTINGS, check_options, quantize_graph
+from starcast.pipeline.accuracy import eval_tokens_for, measure
+from starcast.pipeline.progress import QUIET, Progress
+from starcast.pipeline.proof import TOLERANCES, graph_parity, parity_inputs, prove_fused
+
+FLOAT_DIR = ".float"  # inside the folder being built: the unquantized graphs, until their accuracy is measured
+# How far a quantized graph may be from the reference, beyond the float graph's own tolerance: its measured
+# distance from the float graph, with room for another CPU's rounding.
+QUANTIZED_MARGIN = 1.5
+
+
+def add_fused(folder: Path, manifest: Manifest, target: str, progress: Progress = QUIET) -> None:
+    """Fuse the plain graph into `fused.onnx` beside it (sharing its weights file) and prove it."""
+    if target not in io.TARGETS:
+        raise UserError(f"unknown target {target!r} (supported: {', '.join(io.TARGETS)})")
+    config, dtype = manifest.config, manifest.dtype
+    fused_path = folder / FUSED_MODEL
+    with progress.stage("fuse", f"target {target}"):
+        report = fuse_file(manifest.path(folder, manifest.plain.model), fused_path, config, target, dtype)
+    entry = report.to_dict(config.n_layer)
+    progress.say(
+        f"nodes {entry['nodes']['before']} -> {entry['nodes']['after']} "
+        f"({entry['nodes_per_layer']['before']} -> {entry['nodes_per_layer']['after']} per layer); "
+        f"fused ops {entry['fused_ops']}; matches {entry['matches']}"
+    )
+    kind, tolerance = TOLERANCES[dtype]
+    record = GraphRecord(
+        FUSED_MODEL, io.TARGET_INTERFACES[target], io_signature(load_header(fused_path)), Proof(kind, tolerance, False),
+        target, entry,
+    )  # fmt: skip
+    with progress.stage("verify-fused", "fused vs plain graph, ONNX Runtime CPU"):
+        record.parity = prove_fused(folder, manifest, record)
+    progress.say(f"fused parity ok: {record.parity.measured['max_error']:.2e} ({kind}, tolerance {tolerance:.0e})")
+    manifest.fused = record
+
+
+def move_aside(folder: Path, names: list[str]) -> Path:
+    """Move the graphs `names` and their weights files into FLOAT_DIR (same relative paths); returns it."""
+    floats = folder / FLOAT_DIR
+    for name in names:
+        for file in (name, weights_file(name)):
+            path = confine(folder, file, str(folder))
+            if path.is_file():
+                destination = floats / file
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(destination)
+    return floats
+
+
+def add_quantization(
+    folder: Path, manifest: Manifest, quantization: str, block_size: int, eval_text: Path | None,
+    progress: Progress = QUIET,
+) -> None:  # fmt: skip
+    """Quantize the export's graphs in place (a folder starcast is building), measure what it cost, and prove
+    the quantized graphs: against the float graph (recorded as a tolerance against the reference, which
+    `starcast check` re-proves) and the fused graph against the quantized plain graph."""
+    bits = check_options(quantization, block_size)
+    if manifest.quantization is not None:
+        raise UserError(f"{folder.name}: already quantized ({manifest.quantization.get('quantization')})")
+    config, dtype = manifest.config, manifest.dtype
+    tokens = eval_tokens_for(folder, manifest.source, eval_text)
+    graphs = [g.model for g in manifest.graphs]
+    floats = move_aside(folder, graphs)
+    try:
+        counts = {}
+        for name in graphs:
+            with progress.stage("quantize", f"{name}: {quantization}, block {block_size}"):
+                target = confine(folder, name, str(folder))
+                plain = folder / manifest.plain.model
+                share = plain if name != manifest.plain.model and plain.parent == target.parent else None
+                counts[name] = quantize_graph(floats / name, target, bits, block_size, share_with=share)
+        plain_float, plain_quantized = floats / manifest.plain.model, folder / manifest.plain.model
+        with progress.stage("accuracy", "quantized vs float, ONNX Runtime CPU"):
+            accuracy = measure(plain_float, plain_quantized, config, dtype, tokens)
+            kind = manifest.plain.parity.kind
+            distance = graph_parity(plain_float, plain_quantized, config, dtype, kind, parity_inputs(config.vocab_size))
+        if not math.isfinite(distance):
+            raise ParityError("the quantized graph produced NaN or infinite logits")
+        progress.say(accuracy.summary())
+    finally:
+        shutil.rmtree(floats, ignore_errors=True)
+    float_proof = manifest.plain.parity
+    manifest.plain.parity = Proof(
+        kind, float_proof.tolerance + QUANTIZED_MARGIN * distance, True,
+        {"quantized_vs_float": distance, "float_tolerance": float_proof.tolerance, "float": float_proof.measured},
+    )  # fmt: skip
+    if manifest.fused is not None:
+        with progress.stage("verify-fused", "quantized fused vs quantized plain graph"):
+            manifest.fused.parity = prove_fused(folder, manifest, manifest.fused)
+    manifest.quantization = {
+        "quantization": quantization,
+        "bits": bits,
+        "block_size": block_size,
+        **SETTINGS,
+        "graphs": counts,
+        "accuracy": vars(accuracy),
+    }

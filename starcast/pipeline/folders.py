@@ -1,0 +1,217 @@
+"""Output folders: built beside the target, moved into place in one step, never over anything that is not ours.
+
+- A run writes into `.OUT.tmp-PID-XXXX` (with a marker file) beside OUT; a failed or interrupted run removes it,
+  and the next run removes those of dead processes (SIGKILL), recognised by their name, pid and marker.
+- Without --overwrite the folder is renamed into place only if OUT still does not exist (renameat2's
+  RENAME_NOREPLACE): of two runs racing for one OUT, the loser fails with one line and deletes nothing.
+- With --overwrite the new folder and OUT are exchanged in one step (RENAME_EXCHANGE) under a lock on the
+  parent folder, so OUT always holds a whole export. Where the kernel or file system lacks renameat2, OUT is
+  moved to `.OUT.old-PID` first; a run killed between the two renames is repaired by the next one.
+- OUT may not be an input, contain one or lie inside one; an existing OUT is only replaced if it is a starcast
+  export or empty.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from starcast.contract.errors import UserError
+from starcast.contract.manifest import MANIFEST
+from starcast.contract.paths import os_reason
+
+MARKER = ".starcast-partial"
+AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+
+
+def temporary_name(output: Path, kind: str) -> str:
+    return f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftovers(output: Path) -> Iterator[tuple[str, int, Path]]:
+    """(kind, pid, path) of the temporary folders earlier runs left beside `output`."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    try:
+        entries = list(output.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            yield match.group(1), int(match.group(2)), entry
+
+
+def recover(output: Path) -> None:
+    """Finish what dead runs left beside `output`: put back an export moved aside by an interrupted --overwrite,
+    and remove their temporary folders."""
+    with locked(output.parent):
+        for kind, pid, path in leftovers(output):
+            if pid_alive(pid):
+                continue
+            ours = (path / MARKER).is_file() or (path / MANIFEST).is_file()
+            if kind == "old" and not output.exists():
+                os.rename(path, output)  # the swap was interrupted after moving the old export aside
+            elif ours:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` among starcast processes (flock on the folder itself: no lock file)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield  # an unreadable parent fails later, with its own message
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def same_or_nested(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_output(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """The absolute output path, once it is safe to write there; refuses with one line otherwise."""
+    output = output.expanduser().absolute()
+    if not output.name or output.name in (".", ".."):
+        raise UserError(f"{output}: not a usable output folder name")
+    if not output.parent.is_dir():
+        raise UserError(f"{output.parent}: no such folder")
+    for source in inputs:
+        if same_or_nested(output, source):
+            raise UserError(
+                f"{output}: the output would replace or contain the input {source}; choose another output folder"
+            )
+    recover(output)
+    if output.is_symlink() or output.exists():
+        if not overwrite:
+            raise UserError(f"{output}: already exists (pass --overwrite to replace it)")
+        check_replaceable(output)
+    return output
+
+
+def check_replaceable(output: Path) -> None:
+    if output.is_symlink() or not output.is_dir():
+        raise UserError(f"{output}: exists and is not a folder; starcast does not replace it")
+    try:
+        empty = not any(output.iterdir())
+    except OSError as exc:
+        raise UserError(f"{output}: cannot read ({os_reason(exc)})") from None
+    if not empty and not (output / MANIFEST).is_file():
+        raise UserError(f"{output}: exists and is not a starcast export; starcast replaces only its own folders")
+
+
+# Tests set this to "two-renames" to take the path of systems without renameat2, or to "kill-between" to be
+# killed between its two renames.
+TEST_SWAP = "STARCAST_TEST_SWAP"
+
+
+def rename2(source: Path, target: Path, flags: int) -> bool:
+    """renameat2(2); False where the kernel, libc or file system does not offer it."""
+    if os.environ.get(TEST_SWAP):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(target))
+
+
+def place(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Move the finished folder to `output` in one step (see the module docstring)."""
+    with locked(output.parent):
+        exists = output.is_symlink() or output.exists()
+        if exists and not overwrite:
+            raise UserError(f"{output}: was created by something else while starcast ran; it was left as it is")
+        if not exists:
+            try:
+                if not rename2(tmp, output, RENAME_NOREPLACE):
+                    os.mkdir(output)  # exclusive; the rename below then replaces our own empty folder
+                    os.rename(tmp, output)
+            except FileExistsError:
+                raise UserError(
+                    f"{output}: was created by something else while starcast ran; it was left as it is"
+                ) from None
+            return
+        check_replaceable(output)
+        if rename2(tmp, output, RENAME_EXCHANGE):
+            (tmp / MARKER).touch()  # tmp now holds the old export: removed by the caller, or by the next run
+            return
+        old = output.with_name(temporary_name(output, "old"))
+        os.rename(output, old)
+        if os.environ.get(TEST_SWAP) == "kill-between":
+            os.kill(os.getpid(), 9)
+        os.rename(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def normalize_modes(folder: Path) -> None:
+    """Files 0644 and folders 0755 (less the umask): tools write some files 0600, and other users must be able
+    to load the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_folder(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside `output`; on success it becomes `output`, on failure it vanishes.
+    File-system errors become one line naming the file and the cause."""
+    tmp = output.with_name(temporary_name(output, "tmp"))
+    try:
+        try:
+            tmp.mkdir(mode=0o700)
+            (tmp / MARKER).touch()
+            yield tmp
+            (tmp / MARKER).unlink()
+            normalize_modes(tmp)
+            place(tmp, output, overwrite)
+        except OSError as exc:
+            where = str(exc.filename or output).replace(str(tmp), str(output))
+            raise UserError(f"{where}: {os_reason(exc)}") from None
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def scratch_folder(beside: Path) -> Iterator[Path]:
+    """A temporary folder of starcast's own beside `beside` (same file system), removed at the end."""
+    tmp = beside.with_name(temporary_name(beside, "tmp"))
+    tmp.mkdir(mode=0o700)
+    (tmp / MARKER).touch()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,219 @@
+"""The one proof harness: a graph against the PyTorch reference, and a graph against another graph.
+
+- `reference_parity`: like llm.c's golden-tensor checks, the reference and ONNX Runtime run the same left-padded
+  batch, a prompt step then a decode step; the max difference is reported against a stated tolerance. Padding
+  query positions are excluded: their logits are never used.
+- `greedy_side_by_side`: two graphs decode greedily in step (prompt + N steps), through the runtime's own
+  drivers; the max logit difference and whether every greedy token agreed.
+NaN or infinity anywhere in compared logits is a failure, never a number `max()` can skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from starcast.contract import interfaces as io
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.contract.dtypes import numpy_dtype
+from starcast.contract.errors import ParityError
+from starcast.contract.manifest import GraphRecord, Manifest, Proof
+from starcast.runtime.session import SessionOptions, create_session
+from starcast.runtime.steps import make_steps
+
+TOLERANCES = {"fp32": ("abs", 1e-4), "fp16": ("rel", 2e-2)}
+GREEDY_STEPS = 8
+
+
+def error(kind: str, ours: np.ndarray, reference: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """max |ours - reference| over `valid` (divided by max |reference| for "rel"); inf when either side holds
+    NaN or infinity there."""
+    ours, reference = ours.astype(np.float64), reference.astype(np.float64)
+    if valid is not None:
+        ours, reference = ours[valid], reference[valid]
+    if not (np.isfinite(ours).all() and np.isfinite(reference).all()):
+        return float("inf")
+    diff = float(np.abs(ours - reference).max())
+    if kind == "rel":
+        return diff / max(float(np.abs(reference).max()), 1e-12)
+    return diff
+
+
+def verdict(kind: str, tolerance: float, worst: float) -> str:
+    if not np.isfinite(worst):
+        return "FAILED: NaN or infinite logits"
+    return ("ok" if worst <= tolerance else "FAILED") + f" ({kind} error {worst:.2e}, tolerance {tolerance:.0e})"
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """A graph against the reference: a prompt step and a decode step."""
+
+    dtype: str
+    kind: str
+    tolerance: float
+    prompt_error: float
+    decode_error: float
+
+    @property
+    def passed(self) -> bool:
+        worst = max(self.prompt_error, self.decode_error)
+        return bool(np.isfinite(worst)) and worst <= self.tolerance
+
+    def proof(self) -> Proof:
+        measured = {"dtype": self.dtype, "prompt_error": self.prompt_error, "decode_error": self.decode_error}
+        return Proof(self.kind, self.tolerance, self.passed, measured)
+
+    def summary(self) -> str:
+        if not self.passed and not np.isfinite(max(self.prompt_error, self.decode_error)):
+            return f"parity FAILED: the graph or the reference produced NaN or infinite logits ({self.dtype})"
+        word = "ok" if self.passed else "FAILED"
+        return (
+            f"parity {word}: prompt {self.prompt_error:.2e}, decode {self.decode_error:.2e} "
+            f"({self.kind} error, tolerance {self.tolerance:.0e}, {self.dtype})"
+        )
+
+
+@dataclass(frozen=True)
+class GreedyReport:
+    """Two graphs decoding greedily side by side."""
+
+    what: str
+    kind: str
+    tolerance: float
+    max_error: float
+    steps: int
+    same_tokens: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.same_tokens and bool(np.isfinite(self.max_error)) and self.max_error <= self.tolerance
+
+    def proof(self) -> Proof:
+        measured = {"max_error": self.max_error, "steps": self.steps, "same_tokens": self.same_tokens}
+        return Proof(self.kind, self.tolerance, self.passed, measured)
+
+    def summary(self) -> str:
+        tokens = "same greedy tokens" if self.same_tokens else "greedy tokens differ"
+        result = verdict(self.kind, self.tolerance, self.max_error)
+        return f"{self.what} {result} over prompt + {self.steps} steps, {tokens}"
+
+
+def parity_inputs(vocab: int, batch: int = 2, prompt: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
+    """A left-padded batch: row 0 is full, row 1 has two padding tokens on the left."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(batch, prompt), dtype=np.int64)
+    mask = np.ones((batch, prompt), dtype=np.int64)
+    mask[1:, :2] = 0
+    return {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: io.positions_from_mask(mask)}
+
+
+def run_plain_graph(session, config: GPTBigCodeConfig, feeds: dict[str, np.ndarray], past: list[np.ndarray]):
+    """One step of a concat-cache graph with plain session.run: (logits, presents)."""
+    names = io.concat_inputs(config.n_layer)
+    logits, *presents = session.run(None, {**feeds, **dict(zip(names[3:], past, strict=True))})
+    return logits, presents
+
+
+def reference_parity(model: Any, graph: Path, dtype: str, kind: str | None = None, tolerance: float | None = None):
+    """`graph` (a concat-cache graph with all positions' logits) against the PyTorch reference `model`."""
+    import torch
+
+    default_kind, default_tolerance = TOLERANCES[dtype]
+    kind, tolerance = kind or default_kind, tolerance or default_tolerance
+    cfg = model.config
+    session = create_session(graph, SessionOptions("cpu"))
+    feeds = parity_inputs(cfg.vocab_size)
+    batch = feeds[io.INPUT_IDS].shape[0]
+    empty = [np.zeros(cfg.cache_shape(batch, 0), numpy_dtype(dtype)) for _ in range(cfg.n_layer)]
+    order = (io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS)
+    with torch.no_grad():
+        ref = model(*(torch.from_numpy(feeds[n]) for n in order), *model.empty_past(batch))
+    ours, presents = run_plain_graph(session, cfg, feeds, empty)
+    valid = feeds[io.ATTENTION_MASK].astype(bool)
+    prompt_error = error(kind, ours, ref[0].float().numpy(), valid)
+
+    # One decode step: both continue from their own cache with the token the reference scored highest.
+    next_ids = ref[0][:, -1].float().argmax(-1, keepdim=True).numpy()
+    mask = np.concatenate([feeds[io.ATTENTION_MASK], np.ones((batch, 1), np.int64)], axis=1)
+    step = {io.INPUT_IDS: next_ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: io.positions_from_mask(mask)[:, -1:]}
+    with torch.no_grad():
+        ref_step = model(*(torch.from_numpy(step[n]) for n in order), *ref[1:])
+    ours_step, _ = run_plain_graph(session, cfg, step, presents)
+    decode_error = error(kind, ours_step, ref_step[0].float().numpy())
+    return ParityReport(dtype, kind, tolerance, prompt_error, decode_error)
+
+
+def graph_parity(
+    reference: Path, candidate: Path, config: GPTBigCodeConfig, dtype: str, kind: str, feeds: dict[str, np.ndarray]
+) -> float:
+    """A concat-cache `candidate` against a concat-cache `reference` graph on one prompt and one decode step
+    (the quantized graph against the float one, on `reference_parity`'s inputs)."""
+    sessions = [create_session(path, SessionOptions("cpu")) for path in (reference, candidate)]
+    batch = feeds[io.INPUT_IDS].shape[0]
+    empty = [np.zeros(config.cache_shape(batch, 0), numpy_dtype(dtype)) for _ in range(config.n_layer)]
+    (expected, past_e), (ours, past_o) = (run_plain_graph(s, config, feeds, empty) for s in sessions)
+    worst = error(kind, ours, expected, feeds[io.ATTENTION_MASK].astype(bool))
+    next_ids = expected[:, -1].argmax(-1)[:, None].astype(np.int64)
+    mask = np.concatenate([feeds[io.ATTENTION_MASK], np.ones((batch, 1), np.int64)], axis=1)
+    step = {io.INPUT_IDS: next_ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: io.positions_from_mask(mask)[:, -1:]}
+    expected, _ = run_plain_graph(sessions[0], config, step, past_e)
+    ours, _ = run_plain_graph(sessions[1], config, step, past_o)
+    return max(worst, error(kind, ours, expected))
+
+
+def greedy_side_by_side(
+    reference: tuple[Path, str],
+    candidate: tuple[Path, str],
+    config: GPTBigCodeConfig,
+    dtype: str,
+    what: str,
+    steps: int = GREEDY_STEPS,
+    lengths: tuple[int, ...] = (5, 3),
+    kind: str | None = None,
+    tolerance: float | None = None,
+) -> GreedyReport:
+    """Greedy decoding through two graphs (path, interface) side by side on ONNX Runtime's CPU provider, from a
+    left-padded batch of prompts of `lengths`; tokens come from the reference."""
+    default_kind, default_tolerance = TOLERANCES[dtype]
+    kind, tolerance = kind or default_kind, tolerance or default_tolerance
+    rng = np.random.default_rng(1)
+    width = max(lengths)
+    ids = rng.integers(1, config.vocab_size, size=(len(lengths), width), dtype=np.int64)
+    mask = (np.arange(width)[None, :] >= width - np.array(lengths)[:, None]).astype(np.int64)
+    drivers = [
+        make_steps(
+            create_session(path, SessionOptions("cpu")),
+            interface,
+            config,
+            len(lengths),
+            width + steps + 1,
+            numpy_dtype(dtype),
+            "cpu",
+        )  # fmt: skip
+        for path, interface in (reference, candidate)
+    ]
+    expected, ours = (driver.prefill(ids, mask) for driver in drivers)
+    worst, same = 0.0, True
+    for step in range(steps + 1):
+        worst = max(worst, error(kind, ours, expected))
+        tokens = expected.argmax(-1)
+        same = same and bool((ours.argmax(-1) == tokens).all())
+        if step < steps:
+            expected, ours = (driver.decode_one_token(tokens) for driver in drivers)
+    return GreedyReport(what, kind, tolerance, worst, steps, same)
+
+
+def prove_fused(folder: Path, manifest: Manifest, fused: GraphRecord) -> Proof:
+    """Greedy decoding through the plain and the fused graph side by side."""
+    plain_path, fused_path = manifest.path(folder, manifest.plain.model), manifest.path(folder, fused.model)
+    report = greedy_side_by_side(
+        (plain_path, io.CONCAT_CACHE), (fused_path, fused.interface), manifest.config, manifest.dtype, "fused parity",
+        kind=fused.parity.kind, tolerance=fused.parity.tolerance,
+    )  # fmt: skip
+    if not report.passed:
+        raise ParityError(report.summary())
+    return report.proof()
