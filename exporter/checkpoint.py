@@ -130,9 +130,9 @@ def shard_files(index_path: Path, root: Path, relative: Path) -> tuple[Path, ...
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{index_path}: no weight_map object in the shard index")
-    names = dict.fromkeys(weight_map.values())
-    if not all(isinstance(name, str) for name in names):
+    if not all(isinstance(name, str) for name in weight_map.values()):
         raise UserError(f"{index_path}: weight_map values must be file names")
+    names = dict.fromkeys(weight_map.values())
     files = tuple(confine(root, (relative / name).as_posix(), str(index_path)) for name in names)
     for name, file in zip(names, files, strict=True):
         if not file.is_file():

@@ -26,7 +26,7 @@ from starcast.runtime.export_folder import choose_graph, open_export, read_eos
 from starcast.runtime.inputs import check_prompt_batch, check_whole_number
 from starcast.runtime.sampling import SamplingOptions, TokenChooser
 from starcast.runtime.session import SessionOptions, create_session, device_of
-from starcast.runtime.steps import make_steps
+from starcast.runtime.steps import check_interface, make_steps
 from starcast.runtime.text import StopStrings, StreamDecoder, Tokenizer
 
 
@@ -54,6 +54,7 @@ class Generator:
             self.cuda_graph = session.cuda_graph and self.provider == "cuda" and self.interface == io.STATIC_CACHE
             options = SessionOptions(**{**vars(session), "cuda_graph": self.cuda_graph})
             self.session = create_session(manifest.path(folder, self.graph_file), options)
+            check_interface(self.session, self.interface, self.config, self.dtype)
         self.eos_token_ids = read_eos(folder, self.config)
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from starcast.contract import interfaces as io
 from starcast.contract.config import GPTBigCodeConfig
+from starcast.contract.errors import UserError
 from starcast.contract.interfaces import positions_from_mask
 from starcast.runtime.cache import ConcatCache, DeviceBuffer, StaticCache
 
@@ -165,6 +166,33 @@ class StaticCacheSteps(Steps):
         return self.logits.value.numpy().reshape(self.batch, self.config.vocab_size)
 
 
+def check_interface(session: ort.InferenceSession, interface: str, config: GPTBigCodeConfig, dtype: np.dtype) -> None:
+    """The graph's inputs and outputs are those of `interface` for this config and dtype: a graph from another
+    tool, or one that does not match its manifest, is a one-line error instead of a failure inside a step."""
+    inputs = {value.name: value for value in session.get_inputs()}
+    outputs = {value.name: value for value in session.get_outputs()}
+    if interface == io.SPLIT_CACHE:
+        expected_in = [io.INPUT_IDS, io.ATTENTION_MASK] + [past for past, _ in io.split_cache_names(config.n_layer)]
+        expected_out = [io.LOGITS] + [present for _, present in io.split_cache_names(config.n_layer)]
+    else:
+        expected_in, expected_out = (
+            io.expected_inputs(interface, config.n_layer),
+            io.expected_outputs(interface, config.n_layer),
+        )
+    missing = [name for name in expected_in if name not in inputs] + [n for n in expected_out if n not in outputs]
+    extra = [name for name in inputs if name not in expected_in and name != io.POSITION_IDS]
+    if missing or extra:
+        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected input {extra[0]}"
+        raise UserError(f"the graph is not a {interface} GPTBigCode graph with {config.n_layer} layers ({what})")
+    vocab = outputs[io.LOGITS].shape[-1]
+    if isinstance(vocab, int) and vocab != config.vocab_size:
+        raise UserError(f"the graph's logits have {vocab} entries, the config's vocabulary {config.vocab_size}")
+    cache_type = {np.dtype(np.float32): "tensor(float)", np.dtype(np.float16): "tensor(float16)"}[np.dtype(dtype)]
+    past = inputs[expected_in[-1]]
+    if past.type != cache_type:
+        raise UserError(f"the graph's cache is {past.type}, but the manifest says {np.dtype(dtype).name}")
+
+
 def make_steps(
     session: ort.InferenceSession,
     interface: str,
@@ -176,6 +204,7 @@ def make_steps(
     cuda_graph: bool = False,
 ) -> ConcatCacheSteps | StaticCacheSteps:
     """The driver for a graph of `interface` (concat-cache, split-cache or static-cache)."""
+    check_interface(session, interface, config, dtype)
     if interface == io.STATIC_CACHE:
         return StaticCacheSteps(session, config, batch, max_length, dtype, device, cuda_graph)
     return ConcatCacheSteps(session, config, batch, max_length, dtype, device)

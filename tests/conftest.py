@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +99,99 @@ def write_tokenizer(folder: Path) -> int:
 def save_checkpoint_with_tokenizer(folder: Path, **overrides) -> tuple[Path, GPTBigCodeForCausalLM]:
     vocab = write_tokenizer(folder)
     return save_hf_checkpoint(folder, vocab_size=vocab, bos_token_id=0, eos_token_id=0, **overrides)
+
+
+# -- running the command line as a user would ---------------------------------------------------------------
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def starcast(*args, env=None, cwd=None, prefix=(), timeout=300, input=None):
+    """`python -m starcast ARGS` in a subprocess (with `prefix`, e.g. ["unshare", "-r"], in front)."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "starcast", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or OFFLINE,
+        cwd=cwd,
+        timeout=timeout,
+        input=input,
+    )
+
+
+def assert_one_line(result, code: int = 2, *words: str) -> str:
+    """Exit `code`, stderr ends in exactly one `starcast: ...` line (stage lines may come before it), no
+    traceback; returns that line."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("starcast: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def run_in_process(*args) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr). Any exception starcast does not turn into an exit
+    code propagates, failing the test (that is a traceback a user would see)."""
+    import contextlib
+    import io
+
+    from starcast.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+class Canary:
+    """A file outside the folders under test: its bytes and mtime must never change, and it must never vanish."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.write_bytes(b"precious user data\n")
+        self.stat = path.stat()
+
+    def intact(self) -> bool:
+        return (
+            self.path.is_file()
+            and self.path.read_bytes() == b"precious user data\n"
+            and self.path.stat().st_mtime_ns == self.stat.st_mtime_ns
+        )
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory) -> Path:
+    """A fused fp32 export with a tokenizer, made once; tests copy it before changing anything."""
+    from starcast.pipeline.export import export
+
+    root = tmp_path_factory.mktemp("small")
+    folder, _ = save_checkpoint_with_tokenizer(root / "ckpt")
+    export(str(folder), root / "export", fuse_target="cpu")
+    return root / "export"
+
+
+def copy_export(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def rewrite_manifest(folder: Path, change) -> None:
+    """Edit starcast.json as an attacker or a careless hand would (hashes are not updated unless `change` does)."""
+    path = folder / "starcast.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def rehash(folder: Path) -> None:
+    """Update the manifest's sha256 of every listed file (what someone tampering with an export would do)."""
+    from starcast.contract.manifest import sha256
+
+    rewrite_manifest(folder, lambda m: m["files"].update({n: sha256(folder / n) for n in m["files"]}))

@@ -13,6 +13,10 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so that temporary folders are removed as on Ctrl-C."""
 
 
+class ReaderGone(BaseException):
+    """stdout's reader closed the pipe (`starcast generate ... | head -1`): stop quietly (click would exit 1)."""
+
+
 def on_sigterm(signum, frame) -> None:
     raise Terminated()
 
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         say("starcast: terminated")
         sys.exit(143)
-    except BrokenPipeError:  # `starcast generate ... | head -1`: the reader left; nothing to report
+    except (BrokenPipeError, ReaderGone):  # `starcast generate ... | head -1`: the reader left; nothing to report
         silence_stdout()
         sys.exit(141)
 
@@ -72,4 +76,10 @@ def run(argv: list[str] | None) -> None:
         sys.exit(1)
     except MemoryError:
         say("starcast: error: out of memory (try a smaller batch or maximum length)")
+        sys.exit(2)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # a file-system error no stage turned into a message of its own: name file and cause
+        where = f"{exc.filename}: " if exc.filename else ""
+        say(f"starcast: error: {where}{(exc.strerror or str(exc)).lower()}")
         sys.exit(2)

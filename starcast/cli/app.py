@@ -77,6 +77,16 @@ def stage_line(message: str) -> None:
     click.echo(message, err=True)
 
 
+def emit(text: str, nl: bool = True) -> None:
+    """Output on stdout; a closed pipe ends the command quietly with exit code 141."""
+    from starcast.cli import ReaderGone
+
+    try:
+        click.echo(text, nl=nl)
+    except BrokenPipeError:
+        raise ReaderGone() from None
+
+
 def bold(text: str, stream=None) -> str:
     """ANSI bold only when the text goes to a terminal."""
     stream = stream or sys.stdout

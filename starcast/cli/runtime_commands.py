@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from starcast.cli.app import cli, session_options, stage_line
+from starcast.cli.app import cli, emit, session_options, stage_line
 from starcast.contract.errors import UserError
 
 
@@ -64,17 +64,17 @@ def generate_command(
     generator = open_generator(export_dir, provider, device_id, graph, threads, tf32, verbose, quiet=quiet)
     if tokens is not None:
         out = generator.generate([tokens], max_new_tokens=max_new_tokens, **sampling)
-        click.echo(",".join(map(str, out[0])))
+        emit(",".join(map(str, out[0])))
         return
     if fim_suffix is not None:
         prompt = generator.require_tokenizer().fim_prompt(prompt, fim_suffix)
     pieces = generator.stream(prompt, max_new_tokens, list(stop_strings), **sampling)
     if stream:
         for piece in pieces:
-            click.echo(piece, nl=False)
-        click.echo()
+            emit(piece, nl=False)
+        emit("")
     else:
-        click.echo("".join(pieces))
+        emit("".join(pieces))
 
 
 @cli.command("bench")

@@ -43,10 +43,8 @@ def package_versions(*names: str) -> dict[str, str]:
     """Installed versions, read from package metadata (nothing is imported)."""
     import platform
 
-    from starcast import __version__
-
-    versions = {"starcast": __version__, "python": platform.python_version()}
-    for name in names:
+    versions = {"python": platform.python_version()}
+    for name in ("starcast", *names):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -1,0 +1,151 @@
+"""A proof fails when it should: NaN is a failure, a config that does not describe the weights is an error,
+`check` re-proves every graph against its recorded tolerance, and options that would produce garbage are
+either honoured or refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import (
+    CORPUS,
+    assert_one_line,
+    copy_export,
+    left_padded_batch,
+    rehash,
+    save_checkpoint_with_tokenizer,
+    save_hf_checkpoint,
+    starcast,
+)
+from safetensors.torch import load_file, save_file
+
+from starcast.contract.errors import InvalidType, InvalidValue
+from starcast.pipeline.proof import GreedyReport, ParityReport, error
+from starcast.runtime.generator import Generator
+
+
+def test_nan_and_infinity_are_failures_not_numbers():
+    ours, reference = np.ones((2, 3)), np.ones((2, 3))
+    assert error("abs", ours, reference) == 0.0
+    ours[1, 2] = np.nan
+    assert error("abs", ours, reference) == float("inf") and error("rel", reference, ours) == float("inf")
+    assert not ParityReport("fp32", "abs", 1e-4, float("nan"), 0.0).passed
+    assert not ParityReport("fp32", "abs", 1e-4, error("abs", ours, reference), 0.0).passed
+    assert not GreedyReport("fused", "abs", 1e-4, float("inf"), 8, True).passed
+    assert "NaN" in ParityReport("fp32", "abs", 1e-4, float("inf"), 0.0).summary()
+
+
+def test_nan_weights_are_named_as_such(tmp_path):
+    folder, _ = save_hf_checkpoint(tmp_path / "ckpt")
+    state = load_file(folder / "model.safetensors")
+    state["transformer.h.1.mlp.c_fc.bias"][3] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line(starcast("export", folder, tmp_path / "out"), 2, "contains NaN", "h.1.mlp.c_fc.bias")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_graph_that_computes_nan_fails_check(small_export, tmp_path):
+    """Tampered weights (hashes updated to match): the fused graph now yields NaN, and check says so (exit 1)."""
+    folder = copy_export(small_export, tmp_path / "export")
+    proto = onnx.load(str(folder / "fused.onnx"))
+    norm = next(t for t in proto.graph.initializer if t.dims == [32] and "ln_f" in t.name)
+    values = np.frombuffer(norm.raw_data, np.float32).copy()
+    values[0] = np.nan
+    norm.raw_data = values.tobytes()
+    onnx.save(proto, str(folder / "fused.onnx"))
+    rehash(folder)
+    line = assert_one_line(starcast("check", folder), 1, "NaN")
+    assert line.startswith("starcast: proof failed")
+
+
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
+    folder, _ = save_hf_checkpoint(tmp_path / "ckpt", n_layer=3)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 2}))
+    assert_one_line(starcast("export", folder, tmp_path / "out"), 2, "does not use", "transformer.h.2")
+
+
+def test_older_checkpoints_with_mask_buffers_still_export(tmp_path):
+    folder, _ = save_hf_checkpoint(tmp_path / "ckpt")
+    state = load_file(folder / "model.safetensors")
+    for layer in range(2):
+        state[f"transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(128, 128, dtype=torch.bool))
+        state[f"transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    result = starcast("export", folder, tmp_path / "out", "--no-fuse")
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_reproves_the_fused_graph_and_refuses_a_manifest_without_files(small_export, tmp_path):
+    folder = copy_export(small_export, tmp_path / "export")
+    result = starcast("check", folder)
+    assert result.returncode == 0, result.stderr
+    assert "fused parity ok" in result.stdout and "reference parity not re-run" in result.stdout
+    manifest = json.loads((folder / "starcast.json").read_text())
+    del manifest["files"]
+    (folder / "starcast.json").write_text(json.dumps(manifest))
+    assert_one_line(starcast("check", folder), 2, "files")
+    manifest["files"] = {}
+    (folder / "starcast.json").write_text(json.dumps(manifest))
+    assert_one_line(starcast("check", folder), 2)
+
+
+def test_check_passes_on_a_quantized_export_it_made(tmp_path):
+    folder, _ = save_checkpoint_with_tokenizer(tmp_path / "ckpt")
+    (tmp_path / "eval.txt").write_text("".join(CORPUS) * 8)
+    assert starcast("export", folder, tmp_path / "out").returncode == 0
+    result = starcast(
+        "quantize", tmp_path / "out", tmp_path / "q", "--quantize", "int4", "--eval-text", tmp_path / "eval.txt"
+    )
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads((tmp_path / "q" / "starcast.json").read_text())["parity"]
+    assert recorded["tolerance"] > 1e-4 and recorded["quantized_vs_float"] > 0
+    result = starcast("check", tmp_path / "q", "--source", folder)
+    assert result.returncode == 0, result.stderr
+    assert "fused parity ok" in result.stdout and "parity ok" in result.stdout.splitlines()[-1]
+
+
+def test_corrupt_side_files_are_refused_at_export(tmp_path):
+    folder, _ = save_checkpoint_with_tokenizer(tmp_path / "ckpt")
+    good = (folder / "tokenizer.json").read_text()
+    (folder / "tokenizer.json").write_text(good[: len(good) // 2])
+    assert_one_line(starcast("export", folder, tmp_path / "out"), 2, "tokenizer.json")
+    (folder / "tokenizer.json").write_text(good)
+    (folder / "generation_config.json").write_text('{"eos_token_id": "end"')
+    assert_one_line(starcast("export", folder, tmp_path / "out"), 2, "generation_config.json")
+    (folder / "generation_config.json").write_text('{"eos_token_id": "end"}')
+    assert_one_line(starcast("export", folder, tmp_path / "out"), 2, "eos_token_id")
+    assert not (tmp_path / "out").exists()
+
+
+def test_generating_from_ids_needs_no_tokenizer(small_export, tmp_path):
+    folder = copy_export(small_export, tmp_path / "export")
+    (folder / "tokenizer.json").write_text("{ not json")
+    result = starcast("generate", folder, "--ids", "5,6,7", "--max-new-tokens", "3")
+    assert result.returncode == 0 and len(result.stdout.strip().split(",")) == 6, result.stderr
+    assert_one_line(starcast("generate", folder, "--prompt", "def"), 2, "tokenizer.json")
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--repetition-penalty", "nan"), ("--top-p", "nan")],
+)
+def test_nan_sampling_options_are_refused(small_export, option, value):
+    assert_one_line(starcast("generate", small_export, "--ids", "1,2", "--do-sample", option, value), 2)
+
+
+def test_api_refuses_right_padding_and_honours_a_single_stop_string(small_export):
+    generator = Generator.from_pretrained(small_export)
+    ids, mask = left_padded_batch(generator.config.vocab_size, [5, 3])
+    with pytest.raises(InvalidValue, match="pad on the left"):
+        generator.generate(ids, mask[:, ::-1].copy())
+    with pytest.raises(InvalidValue, match="only 0"):
+        generator.generate(ids, mask * 2)
+    full = generator.generate_text("def add(a, b):\n", max_new_tokens=24)
+    stop = full[len(full) // 2 :][:2]
+    assert generator.generate_text("def add(a, b):\n", max_new_tokens=24, stop_strings=stop) == full[: full.find(stop)]
+    with pytest.raises(InvalidType, match="stop strings"):
+        generator.generate_text("def", stop_strings=[1, 2])
