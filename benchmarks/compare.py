@@ -8,8 +8,8 @@ Every system is timed the same way, through its own `generate()`: T(new) for `ne
 prefill (time to first token) = T(1), decode tokens/s per sequence = (new - 1) / (T(new) - T(1)). Medians of
 `runs` after a warm-up. Each system runs in its own process so that its peak resident memory is its own.
 starcast-int8/int4 are the fused graph with weight-only MatMulNBits (block 32).
-The roofline is a graph of nothing but the model's weight MatMuls at batch 1 (shared/notes/cpu-decode-ceiling):
-ONNX Runtime streams those weights at the memory's read bandwidth, so no fp32 graph can decode faster.
+The roofline is a graph of nothing but the model's weight MatMuls at batch 1: ONNX Runtime streams those weights
+at the memory's read bandwidth (measured on this project's machines), so no fp32 graph can decode faster.
 Writes benchmarks/RESULTS.md's table (between markers) and benchmarks/decode_tokens_per_s.png.
 """
 
@@ -164,20 +164,20 @@ def weights_only_step(config, threads: int, runs: int = 30) -> float:
 
 
 def prepare(work: Path, preset: str, systems: list[str]) -> None:
-    from starcast.exporter.config import PRESETS
-    from starcast.exporter.export import export
+    from starcast.contract.config import PRESETS
     from starcast.exporter.random_checkpoint import write_random_checkpoint
 
     if not (work / "checkpoint" / "model.safetensors").is_file():
         write_random_checkpoint(work / "checkpoint", PRESETS[preset])
     if not (work / "starcast" / "starcast.json").is_file():
+        from starcast.pipeline.export import export
+
         export(str(work / "checkpoint"), work / "starcast", fuse_target="cpu", overwrite=True)
     for bits in (8, 4):
         if f"starcast-int{bits}" in systems and not (work / f"starcast-int{bits}" / "starcast.json").is_file():
-            from starcast.graphs.quantize import quantize_export
-            from starcast.progress import QUIET
+            from starcast.pipeline.derive import quantize_export
 
-            quantize_export(work / "starcast", work / f"starcast-int{bits}", bits, 32, None, True, QUIET)
+            quantize_export(work / "starcast", work / f"starcast-int{bits}", f"int{bits}", 32, None, True)
     if "optimum" in systems and not (work / "optimum" / "model.onnx").is_file():
         from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -226,7 +226,7 @@ def main() -> None:
         worker(args)
         return
 
-    from starcast.exporter.config import PRESETS
+    from starcast.contract.config import PRESETS
 
     work = Path(args.work) / args.preset
     systems = args.systems.split(",")

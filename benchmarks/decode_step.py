@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from starcast.exporter.config import PRESETS, GPTBigCodeConfig
-from starcast.graphs.optimize import optimize_export
-from starcast.runtime.session import create_session
+from starcast.contract.config import PRESETS, GPTBigCodeConfig
+from starcast.pipeline.derive import optimize_export
+from starcast.pipeline.export import export
+from starcast.runtime.session import SessionOptions, create_session
 from starcast.runtime.steps import ConcatCacheSteps, StaticCacheSteps
 
 
 def prepare(work: Path, preset: str) -> Path:
-    from starcast.exporter.export import export
     from starcast.exporter.random_checkpoint import write_random_checkpoint
 
     plain = work / "plain"
@@ -41,13 +41,13 @@ def prepare(work: Path, preset: str) -> Path:
 
 def steppers(work: Path, config: GPTBigCodeConfig, max_length: int, threads: int) -> dict:
     def session(folder: str, model: str):
-        return create_session(work / folder / model, "cpu", threads, spinning=False)
+        return create_session(work / folder / model, SessionOptions("cpu", threads, spinning=False))
 
     args = (config, 1, max_length, np.float32, "cpu")
     return {
         "plain": ConcatCacheSteps(session("plain", "model.onnx"), *args),
-        "fused-cpu": ConcatCacheSteps(session("cpu", "fused/model.onnx"), *args),
-        "fused-gqa": StaticCacheSteps(session("cuda", "fused/model.onnx"), *args),
+        "fused-cpu": ConcatCacheSteps(session("cpu", "fused.onnx"), *args),
+        "fused-gqa": StaticCacheSteps(session("cuda", "fused.onnx"), *args),
     }
 
 

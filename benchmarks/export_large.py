@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from starcast.exporter.config import PRESETS
+from starcast.contract.config import PRESETS
 from starcast.exporter.random_checkpoint import write_random_checkpoint
 
 

@@ -22,13 +22,12 @@ def exported(tmp_path_factory):
     return root
 
 
-def test_bench_reports_medians_for_the_fused_graph(exported):
-    result = bench(exported / "out", batch=2, prompt_tokens=16, new_tokens=8, runs=2)
-    assert result.graph == "fused.onnx" and result.batch == 2 and result.runs == 2
-    assert 0 < result.prefill_ms <= result.time_to_first_token_ms
-    assert result.aggregate_tokens_per_s == pytest.approx(2 * result.decode_tokens_per_s)
-    assert result.decode_tokens_per_s == pytest.approx(1000 / result.decode_ms_per_step)
-    assert result.peak_rss_mib > 10
+def test_bench_times_the_graph_generate_would_run(exported):
+    fused = bench(exported / "out", batch=2, prompt_tokens=16, new_tokens=8, runs=2)
+    assert fused.graph == "fused.onnx" and fused.batch == 2 and fused.runs == 2
+    assert 0 < fused.prefill_ms <= fused.time_to_first_token_ms and fused.decode_ms_per_step > 0
+    plain = bench(exported / "out", batch=1, prompt_tokens=16, new_tokens=8, runs=1, graph="plain")
+    assert plain.graph == "model.onnx"
 
 
 def test_bench_cli_json_and_errors(exported):

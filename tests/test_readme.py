@@ -18,7 +18,7 @@ def readme_test_command() -> str:
 
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci_lines[-1] == readme_test_command()
+    assert readme_test_command() in ci_lines
 
 
 def test_subpackages_live_under_the_starcast_namespace(tmp_path):

@@ -154,10 +154,32 @@ def test_stream_decoder_never_splits_multibyte_characters(text_export):
 
 def test_fill_in_the_middle_prompt(text_export):
     generator = Generator.from_pretrained(text_export)
-    prompt = generator.tokenizer.fim_prompt("def add(a, b):\n", "\n    return c\n")
-    assert prompt.startswith("<fim_prefix>") and prompt.endswith("<fim_middle>")
-    assert generator.tokenizer.encode(prompt)[0] == generator.tokenizer.token_id("<fim_prefix>")
-    assert isinstance(generator.fill_in_the_middle("def add(a, b):\n", "\n    return c\n", max_new_tokens=8), str)
+    prefix, suffix = "def add(a, b):\n", "\n    return c\n"
+    prompt = generator.tokenizer.fim_prompt(prefix, suffix)
+    assert prompt == f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    ids = generator.tokenizer.encode(prompt)
+    assert ids[0] == generator.tokenizer.token_id("<fim_prefix>")
+    greedy = generator.generate([ids], max_new_tokens=8)[0, len(ids) :].tolist()
+    greedy = greedy[: greedy.index(generator.eos_token_id)] if generator.eos_token_id in greedy else greedy
+    assert generator.fill_in_the_middle(prefix, suffix, max_new_tokens=8) == generator.tokenizer.decode(greedy)
+
+
+def test_santacoder_spelling_of_the_fim_tokens(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<fim-prefix>", "<fim-middle>", "<fim-suffix>", "<fim-pad>"]
+    inner = HFTokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.add_special_tokens(specials)
+    inner.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer(tmp_path / "tokenizer.json")
+    assert tokenizer.fim_prompt("a", "b") == "<fim-prefix>a<fim-suffix>b<fim-middle>"
+    inner = HFTokenizer(models.BPE())
+    inner.add_special_tokens(["<|endoftext|>"])
+    inner.save(str(tmp_path / "plain.json"))
+    with pytest.raises(UserError, match="no fill-in-the-middle tokens"):
+        Tokenizer(tmp_path / "plain.json").fim_prompt("a", "b")
 
 
 def test_bad_inputs_are_clear_errors(exports, tmp_path):
