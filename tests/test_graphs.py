@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import onnx
 import pytest
-from conftest import VARIANTS, save_hf_checkpoint
+from conftest import VARIANTS, assert_one_line, save_hf_checkpoint, starcast
 
 from starcast.contract.config import GPTBigCodeConfig
 from starcast.contract.errors import UserError
@@ -109,22 +107,11 @@ def test_a_graph_that_does_not_match_is_an_error(plain_exports, tmp_path):
         fuse(model, config, "cpu", "fp32")
 
 
-def test_optimize_cli_prints_node_counts(plain_exports, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "starcast",
-            "optimize",
-            plain_exports["mq-tanh-tied"],
-            tmp_path / "f",
-            "--target",
-            "cuda",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_optimize_cli_prints_node_counts_and_refuses_fp32_for_cuda(plain_exports, tmp_path):
+    result = starcast("optimize", plain_exports["mq-tanh-tied"], tmp_path / "f", "--target", "cpu")
     assert result.returncode == 0, result.stderr
-    assert "per layer" in result.stdout and "GroupQueryAttention" in result.stdout
+    assert "per layer" in result.stdout and "FastGelu" in result.stdout
     assert "fused parity ok" in result.stderr
+    refused = starcast("optimize", plain_exports["mq-tanh-tied"], tmp_path / "g", "--target", "cuda")
+    assert_one_line(refused, 2, "--dtype fp16")
+    assert not (tmp_path / "g").exists()

@@ -149,3 +149,13 @@ def test_api_refuses_right_padding_and_honours_a_single_stop_string(small_export
     assert generator.generate_text("def add(a, b):\n", max_new_tokens=24, stop_strings=stop) == full[: full.find(stop)]
     with pytest.raises(InvalidType, match="stop strings"):
         generator.generate_text("def", stop_strings=[1, 2])
+
+
+def test_a_different_greedy_token_fails_unless_it_is_a_tie_within_the_tolerance():
+    from starcast.pipeline.proof import real_disagreement
+
+    logits = np.array([[0.0, 5.0, 4.99995], [1.0, 0.0, 0.0]])
+    assert not real_disagreement(logits, np.array([1, 0]), "abs", 1e-4)
+    assert not real_disagreement(logits, np.array([2, 0]), "abs", 1e-4)  # 5e-5 apart: a tie at this tolerance
+    assert real_disagreement(logits, np.array([2, 0]), "abs", 1e-6)
+    assert real_disagreement(logits, np.array([1, 1]), "abs", 1e-4)  # row 1: 1.0 apart

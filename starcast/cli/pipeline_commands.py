@@ -29,6 +29,14 @@ def require_export_extra(what: str) -> None:
             raise MissingExtra(what, "export", module)
 
 
+def refuse_fp32_cuda(dtype: str) -> None:
+    if dtype == "fp32":
+        raise UserError(
+            "--target cuda needs --dtype fp16: ONNX Runtime's CUDA GroupQueryAttention has fp16 and bf16 kernels "
+            "only, and an fp32 graph would run its attention on the CPU"
+        )
+
+
 def progress(quiet: bool = False):
     from starcast.pipeline.progress import Progress
 
@@ -61,11 +69,8 @@ def export_command(
 
         require_tensorrt()  # before any export work
         engine = Limits(max_batch, max_prompt, max_length)
-    if target == "cuda" and dtype == "fp32" and not no_fuse:
-        raise UserError(
-            "--target cuda needs --dtype fp16: ONNX Runtime's CUDA GroupQueryAttention has fp16 and bf16 kernels "
-            "only, and an fp32 graph would run its attention on the CPU"
-        )
+    if target == "cuda" and not no_fuse:
+        refuse_fp32_cuda(dtype)
     from starcast.pipeline.export import export
 
     quantize = (quantization, int(block_size)) if quantization else None
@@ -84,13 +89,12 @@ def export_command(
 def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: bool) -> None:
     """Fuse an existing plain export into OUTPUT_DIR (PLAIN_DIR is left untouched)."""
     require_export_extra("starcast optimize")
+    from starcast.contract.manifest import read_manifest
     from starcast.pipeline.derive import optimize_export
 
+    if target == "cuda":
+        refuse_fp32_cuda(read_manifest(plain_dir.expanduser().absolute()).dtype)
     manifest = optimize_export(plain_dir, output_dir, target, overwrite, progress())
-    if target == "cuda" and manifest.dtype == "fp32":
-        click.echo(
-            "note: an fp32 cuda-target graph runs on the CPU provider only (for tests); use fp16 on CUDA", err=True
-        )
     report = manifest.fused.report
     click.echo(
         f"fused for {target}: {report['nodes']['before']} -> {report['nodes']['after']} nodes "
