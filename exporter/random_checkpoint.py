@@ -29,10 +29,12 @@ def random_model(config: GPTBigCodeConfig, seed: int = 0) -> GPTBigCode:
     return model
 
 
-def write_random_checkpoint(folder: Path, config: GPTBigCodeConfig, seed: int = 0) -> Path:
+def write_random_checkpoint(
+    folder: Path, config: GPTBigCodeConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model = random_model(config, seed)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.to(dtype).contiguous() for name, tensor in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -32,6 +32,7 @@ class SessionOptions:
     tf32: bool = False
     spinning: bool = True  # False when several sessions take turns in one process (a benchmark)
     verbose: bool = False  # show ONNX Runtime's warnings (CPU fallbacks, Memcpy nodes)
+    record_placement: bool = False  # keep which provider runs each node (session.get_provider_graph_assignment_info)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -74,6 +75,8 @@ def create_session(path: Path, options: SessionOptions | None = None, **override
     session_options.intra_op_num_threads = min(options.threads or available_cores(), available_cores())
     if not options.spinning:
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if options.record_placement:
+        session_options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     providers: list = [PROVIDERS["cpu"]]
     missing: list[str] = []
     if options.provider == "cuda":

@@ -126,3 +126,22 @@ def test_sessions_are_created_with_the_options_asked_for(tmp_path):
     }
     with pytest.raises(UserError, match="device"):
         SessionOptions("cuda", device_id=-1)
+
+
+def test_selftest_runs_its_whole_flow_on_the_cpu_and_refuses_cuda_where_there_is_none(tmp_path):
+    import json
+
+    import onnxruntime as ort
+
+    result = starcast("selftest", "--provider", "cpu", "--small", "--report", tmp_path / "report.json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] and len(report["checks"]) == 8
+    timings = report["models"]["test"]["decode_ms"]
+    assert set(timings) == {"fused, CUDA graph", "fused", "plain", "transformers eager"}
+    assert all(value > 0 for value in timings.values())
+    from starcast.runtime.session import preload_cuda_libraries
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and not preload_cuda_libraries():
+        return  # a machine with a usable GPU: nothing to refuse
+    assert_one_line(starcast("selftest"), 2, "CUDA cannot be loaded here")

@@ -169,3 +169,29 @@ def demo_command(output: Path | None, overwrite: bool) -> None:
 
     summary = run_demo(output, overwrite)
     click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command("selftest")
+@click.option("--provider", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True)
+@click.option("--device", "device_id", type=click.IntRange(0, 63), default=0, show_default=True, help="GPU index.")
+@click.option("--small", is_flag=True, help="Small models instead of SantaCoder's shape (with --provider cpu: a test).")
+@click.option("--output", type=click.Path(path_type=Path), help="Keep the exports here (default: a temporary folder).")
+@click.option("--report", type=click.Path(path_type=Path), default=Path("selftest-report.json"), show_default=True)
+def selftest_command(provider: str, device_id: int, small: bool, output: Path | None, report: Path) -> None:
+    """Prove starcast on this machine's GPU: exports, node placement, CUDA graphs, greedy tokens against a
+    reference, decode timings beside transformers, the bandwidth roofline. Exit 1 if a check fails."""
+    import tempfile
+
+    require_export_extra("starcast selftest")
+    from starcast.selftest import require_provider, selftest, table
+
+    require_provider(provider, device_id)
+    with tempfile.TemporaryDirectory(prefix="starcast-selftest-") as scratch:
+        work = output.expanduser().absolute() if output else Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        result = selftest(provider, work, small, device_id, progress())
+    report.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    click.echo(table(result))
+    click.echo(f"report written to {report}")
+    if not result["passed"]:
+        sys.exit(1)

@@ -25,7 +25,7 @@ FLOAT_DIR = ".float"  # inside the folder being built: the unquantized graphs, u
 QUANTIZED_MARGIN = 1.5
 
 
-def add_fused(folder: Path, manifest: Manifest, target: str, progress: Progress = QUIET) -> None:
+def add_fused(folder: Path, manifest: Manifest, target: str, progress: Progress = QUIET, provider: str = "cpu") -> None:
     """Fuse the plain graph into `fused.onnx` beside it (sharing its weights file) and prove it."""
     if target not in io.TARGETS:
         raise UserError(f"unknown target {target!r} (supported: {', '.join(io.TARGETS)})")
@@ -44,8 +44,8 @@ def add_fused(folder: Path, manifest: Manifest, target: str, progress: Progress 
         FUSED_MODEL, io.TARGET_INTERFACES[target], io_signature(load_header(fused_path)), Proof(kind, tolerance, False),
         target, entry,
     )  # fmt: skip
-    with progress.stage("verify-fused", "fused vs plain graph, ONNX Runtime CPU"):
-        record.parity = prove_fused(folder, manifest, record)
+    with progress.stage("verify-fused", f"fused vs plain graph, ONNX Runtime {provider}"):
+        record.parity = prove_fused(folder, manifest, record, provider)
     progress.say(f"fused parity ok: {record.parity.measured['max_error']:.2e} ({kind}, tolerance {tolerance:.0e})")
     manifest.fused = record
 

@@ -56,10 +56,12 @@ def export(
     engine=None,
     quantize: tuple[str, int] | None = None,
     progress: Progress = QUIET,
+    proof_provider: str = "cpu",
 ) -> Manifest:
     """Export `source` (a checkpoint folder, Hub id or builtin:NAME) to `output`, plus a fused graph for
     `fuse_target` unless it is None, quantized graphs (("int8" | "int4", block size)) and a TensorRT engine
-    ((limits) for runtime/tensorrt/builder.py); returns the manifest."""
+    ((limits) for runtime/tensorrt/builder.py); returns the manifest. The proofs run ONNX Runtime on
+    `proof_provider` (`starcast selftest` proves on the GPU)."""
     from starcast.exporter.checkpoint import TORCH_DTYPES, load_model, open_checkpoint
     from starcast.exporter.onnx_export import export_onnx
     from starcast.pipeline.proof import reference_parity
@@ -76,8 +78,8 @@ def export(
             export_onnx(model, plain)
         with progress.stage("save"):
             copy_side_files(checkpoint, tmp)
-        with progress.stage("verify", "ONNX Runtime CPU vs PyTorch reference"):
-            report = reference_parity(model, plain, dtype)
+        with progress.stage("verify", f"ONNX Runtime {proof_provider} vs PyTorch reference"):
+            report = reference_parity(model, plain, dtype, provider=proof_provider)
         del model  # the PyTorch weights are not needed past this point: free them before fusing (1.1B: 4.5 GB)
         gc.collect()
         progress.say(report.summary())
@@ -95,7 +97,7 @@ def export(
             ir_version=IR_VERSION,
         )
         if fuse_target is not None:
-            add_fused(tmp, manifest, fuse_target, progress)
+            add_fused(tmp, manifest, fuse_target, progress, proof_provider)
         if quantize is not None:
             add_quantization(tmp, manifest, *quantize, None, progress)
         if engine is not None:  # UNRUN here: TensorRT is not installable on this project's machines

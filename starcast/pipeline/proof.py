@@ -22,7 +22,7 @@ from starcast.contract.config import GPTBigCodeConfig
 from starcast.contract.dtypes import numpy_dtype
 from starcast.contract.errors import ParityError
 from starcast.contract.manifest import GraphRecord, Manifest, Proof
-from starcast.runtime.session import SessionOptions, create_session
+from starcast.runtime.session import SessionOptions, create_session, device_of
 from starcast.runtime.steps import make_steps
 
 TOLERANCES = {"fp32": ("abs", 1e-4), "fp16": ("rel", 2e-2)}
@@ -119,14 +119,17 @@ def run_plain_graph(session, config: GPTBigCodeConfig, feeds: dict[str, np.ndarr
     return logits, presents
 
 
-def reference_parity(model: Any, graph: Path, dtype: str, kind: str | None = None, tolerance: float | None = None):
-    """`graph` (a concat-cache graph with all positions' logits) against the PyTorch reference `model`."""
+def reference_parity(
+    model: Any, graph: Path, dtype: str, kind: str | None = None, tolerance: float | None = None, provider: str = "cpu"
+) -> ParityReport:
+    """`graph` (a concat-cache graph with all positions' logits, run on `provider`) against the PyTorch reference
+    `model`."""
     import torch
 
     default_kind, default_tolerance = TOLERANCES[dtype]
     kind, tolerance = kind or default_kind, tolerance or default_tolerance
     cfg = model.config
-    session = create_session(graph, SessionOptions("cpu"))
+    session = create_session(graph, SessionOptions(provider))
     feeds = parity_inputs(cfg.vocab_size)
     batch = feeds[io.INPUT_IDS].shape[0]
     empty = [np.zeros(cfg.cache_shape(batch, 0), numpy_dtype(dtype)) for _ in range(cfg.n_layer)]
@@ -176,8 +179,9 @@ def greedy_side_by_side(
     lengths: tuple[int, ...] = (5, 3),
     kind: str | None = None,
     tolerance: float | None = None,
+    provider: str = "cpu",
 ) -> GreedyReport:
-    """Greedy decoding through two graphs (path, interface) side by side on ONNX Runtime's CPU provider, from a
+    """Greedy decoding through two graphs (path, interface) side by side on ONNX Runtime (`provider`), from a
     left-padded batch of prompts of `lengths`; tokens come from the reference."""
     default_kind, default_tolerance = TOLERANCES[dtype]
     kind, tolerance = kind or default_kind, tolerance or default_tolerance
@@ -185,16 +189,11 @@ def greedy_side_by_side(
     width = max(lengths)
     ids = rng.integers(1, config.vocab_size, size=(len(lengths), width), dtype=np.int64)
     mask = (np.arange(width)[None, :] >= width - np.array(lengths)[:, None]).astype(np.int64)
+    length, np_dtype, device = width + steps + 1, numpy_dtype(dtype), device_of(provider)
     drivers = [
         make_steps(
-            create_session(path, SessionOptions("cpu")),
-            interface,
-            config,
-            len(lengths),
-            width + steps + 1,
-            numpy_dtype(dtype),
-            "cpu",
-        )  # fmt: skip
+            create_session(path, SessionOptions(provider)), interface, config, len(lengths), length, np_dtype, device
+        )
         for path, interface in (reference, candidate)
     ]
     expected, ours = (driver.prefill(ids, mask) for driver in drivers)
@@ -219,12 +218,12 @@ def real_disagreement(expected: np.ndarray, chosen: np.ndarray, kind: str, toler
     return bool((margin > allowed).any())
 
 
-def prove_fused(folder: Path, manifest: Manifest, fused: GraphRecord) -> Proof:
+def prove_fused(folder: Path, manifest: Manifest, fused: GraphRecord, provider: str = "cpu") -> Proof:
     """Greedy decoding through the plain and the fused graph side by side."""
     plain_path, fused_path = manifest.path(folder, manifest.plain.model), manifest.path(folder, fused.model)
     report = greedy_side_by_side(
         (plain_path, io.CONCAT_CACHE), (fused_path, fused.interface), manifest.config, manifest.dtype, "fused parity",
-        kind=fused.parity.kind, tolerance=fused.parity.tolerance,
+        kind=fused.parity.kind, tolerance=fused.parity.tolerance, provider=provider,
     )  # fmt: skip
     if not report.passed:
         raise ParityError(report.summary())
