@@ -124,6 +124,24 @@ def transformers_decode_ms(checkpoint: Path, provider: str, dtype: str) -> float
     return statistics.median(times[4:]) * 1e3
 
 
+def tensorrt_check(folder: Path, vocab: int) -> dict[str, Any] | None:
+    """With TensorRT importable: build an engine for the export and compare its greedy tokens (batch 1)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    from starcast.pipeline.engine import build_engine_in_place
+    from starcast.runtime.tensorrt.builder import Limits
+
+    build_engine_in_place(folder, Limits(max_batch=3, max_prompt=PROMPT, max_length=PROMPT + STEPS + 8), True)
+    engine = Generator.from_pretrained(folder, provider="tensorrt")
+    reference = Generator.from_pretrained(folder, provider="cuda", graph="plain", max_length=96)
+    ids, mask = batch_of([9], vocab)
+    got = engine.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=None)
+    expected = reference.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=None)
+    return {"equal": bool((got == expected).all()), "decode_ms": decode_ms(engine, vocab)}
+
+
 def copy_bandwidth(provider: str) -> float:
     """Bytes per second of a device-to-device copy (read + write), as the roofline's denominator."""
     size = 1 << 30
@@ -188,6 +206,8 @@ def selftest(provider: str, work: Path, small: bool, device_id: int = 0, progres
             if source != "builtin:tiny-python":
                 timings["transformers eager"] = transformers_decode_ms(Path(source), provider, dtype)
             model["decode_ms"] = timings
+        if provider == "cuda" and source != "builtin:tiny-python":
+            model["tensorrt"] = tensorrt_check(folder, manifest.config.vocab_size)
         weight_bytes = manifest.parameters * (2 if dtype == "fp16" else 4)
         model["roofline_tokens_per_s"] = bandwidth / weight_bytes
         report["models"][name] = model
