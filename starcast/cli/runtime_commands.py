@@ -97,3 +97,29 @@ def bench_command(
         verbose=verbose,
     )  # fmt: skip
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+
+
+@cli.command("serve")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Rows decoded together.")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait for a row; beyond it: 503 with Retry-After.")  # fmt: skip
+@click.option("--max-length", type=click.IntRange(2), help="Prompt + output tokens per request (default: 2048).")
+@click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
+@click.option("--device", "device_id", type=click.IntRange(0, 63), default=0, show_default=True, help="GPU index.")
+@click.option("--threads", type=click.IntRange(0), default=0, help="CPU threads (0: all cores).")
+@click.option("--grace", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="Seconds running requests get to finish after SIGTERM.")  # fmt: skip
+@click.option("--model-name", help="The model id /v1/models reports (default: the folder's name).")
+def serve_command(
+    model: str, host: str, port: int, max_batch: int, max_queue: int, max_length: int | None, provider: str,
+    device_id: int, threads: int, grace: float, model_name: str | None,
+) -> None:  # fmt: skip
+    """Serve MODEL (an export folder, or builtin:tiny-python) with an OpenAI-compatible completions API."""
+    from starcast.pipeline.progress import Progress
+    from starcast.serve.main import serve
+
+    serve(model, host, port, max_batch, max_queue, provider, device_id, max_length, threads, grace, model_name,
+          Progress())  # fmt: skip
