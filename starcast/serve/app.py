@@ -90,10 +90,13 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
         except UserError as exc:
             return fail(400, str(exc), "invalid_request_error")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = Request(
-            completion.prompt, completion.max_tokens, completion.sampling, completion.stop,
-            on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-        )  # fmt: skip
+
+        def on_event(event: Event) -> None:  # in the engine's thread
+            if event.finish_reason is not None:  # recorded here: a client that left reads no more events
+                metrics.record(request, event.finish_reason, event.prompt_tokens, event.completion_tokens)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        request = Request(completion.prompt, completion.max_tokens, completion.sampling, completion.stop, on_event)
         try:
             engine.submit(request)
         except QueueFull as exc:
@@ -119,7 +122,6 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
             if event.finish_reason is None:
                 pieces.append(event.text)
                 continue
-            metrics.record(request, event.finish_reason, event.prompt_tokens, event.completion_tokens)
             if event.finish_reason == FINISH_ERROR:
                 return fail(500, f"generation failed: {event.error}", "server_error")
             metrics.requests.labels("200").inc()
@@ -134,7 +136,6 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
                     if event.text:
                         yield f"data: {json.dumps(responses.chunk(event.text))}\n\n"
                     continue
-                metrics.record(request, event.finish_reason, event.prompt_tokens, event.completion_tokens)
                 if event.finish_reason == FINISH_ERROR:
                     yield f"data: {json.dumps(error_body(f'generation failed: {event.error}', 'server_error'))}\n\n"
                 else:
