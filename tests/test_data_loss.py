@@ -43,7 +43,7 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_export(ckpt, tmp_path)
     kept = tmp_path / "mine"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
-    assert_one_line(starcast("export", ckpt, kept, "--overwrite"), 2, "not a starcast export")
+    assert_one_line(starcast("export", ckpt, kept, "--overwrite"), 2, "starcast did not make it")
     assert listing(kept) == ["notes.txt"]
 
 

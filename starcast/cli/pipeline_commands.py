@@ -195,3 +195,26 @@ def selftest_command(provider: str, device_id: int, small: bool, output: Path | 
     click.echo(f"report written to {report}")
     if not result["passed"]:
         sys.exit(1)
+
+
+@cli.command("triton-repo")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.argument("repo_dir", type=click.Path(path_type=Path))
+@click.option("--name", default="starcoder", show_default=True, help="The model's name in the repository.")
+@click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="Model instances (per GPU).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Rows per instance.")
+@click.option(
+    "--max-queue", type=click.IntRange(0), default=64, show_default=True, help="Waiting requests per instance."
+)
+@click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
+@click.option("--link", is_flag=True, help="Link the export into the repository instead of copying it.")
+@overwrite_option
+def triton_repo_command(
+    export_dir: Path, repo_dir: Path, name: str, instances: int, max_batch: int, max_queue: int, provider: str,
+    link: bool, overwrite: bool,
+) -> None:  # fmt: skip
+    """Write a Triton Inference Server model repository (Python backend, decoupled) that serves EXPORT_DIR."""
+    from starcast.triton.repository import write_repository
+
+    target = write_repository(export_dir, repo_dir, name, instances, max_batch, max_queue, provider, link, overwrite)
+    click.echo(f"wrote {target} (serve it with: tritonserver --model-repository={repo_dir})")

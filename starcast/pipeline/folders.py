@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,7 +66,7 @@ def recover(output: Path) -> None:
         for kind, pid, path in leftovers(output):
             if pid_alive(pid):
                 continue
-            ours = (path / MARKER).is_file() or (path / MANIFEST).is_file()
+            ours = (path / MARKER).is_file() or is_export(path)
             if kind == "old" and not output.exists():
                 os.rename(path, output)  # the swap was interrupted after moving the old export aside
             elif ours:
@@ -93,7 +93,13 @@ def same_or_nested(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def check_output(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
+def is_export(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def check_output(
+    output: Path, overwrite: bool, inputs: tuple[Path, ...] = (), is_ours: Callable[[Path], bool] = is_export
+) -> Path:
     """The absolute output path, once it is safe to write there; refuses with one line otherwise."""
     output = output.expanduser().absolute()
     if not output.name or output.name in (".", ".."):
@@ -109,19 +115,19 @@ def check_output(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
     if output.is_symlink() or output.exists():
         if not overwrite:
             raise UserError(f"{output}: already exists (pass --overwrite to replace it)")
-        check_replaceable(output)
+        check_replaceable(output, is_ours)
     return output
 
 
-def check_replaceable(output: Path) -> None:
+def check_replaceable(output: Path, is_ours: Callable[[Path], bool] = is_export) -> None:
     if output.is_symlink() or not output.is_dir():
         raise UserError(f"{output}: exists and is not a folder; starcast does not replace it")
     try:
         empty = not any(output.iterdir())
     except OSError as exc:
         raise UserError(f"{output}: cannot read ({os_reason(exc)})") from None
-    if not empty and not (output / MANIFEST).is_file():
-        raise UserError(f"{output}: exists and is not a starcast export; starcast replaces only its own folders")
+    if not empty and not is_ours(output):
+        raise UserError(f"{output}: exists and starcast did not make it; starcast replaces only its own folders")
 
 
 # Tests set this to "two-renames" to take the path of systems without renameat2, or to "kill-between" to be
@@ -145,7 +151,7 @@ def rename2(source: Path, target: Path, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(target))
 
 
-def place(tmp: Path, output: Path, overwrite: bool) -> None:
+def place(tmp: Path, output: Path, overwrite: bool, is_ours: Callable[[Path], bool] = is_export) -> None:
     """Move the finished folder to `output` in one step (see the module docstring)."""
     with locked(output.parent):
         exists = output.is_symlink() or output.exists()
@@ -161,7 +167,7 @@ def place(tmp: Path, output: Path, overwrite: bool) -> None:
                     f"{output}: was created by something else while starcast ran; it was left as it is"
                 ) from None
             return
-        check_replaceable(output)
+        check_replaceable(output, is_ours)
         if rename2(tmp, output, RENAME_EXCHANGE):
             (tmp / MARKER).touch()  # tmp now holds the old export: removed by the caller, or by the next run
             return
@@ -185,7 +191,7 @@ def normalize_modes(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(output: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(output: Path, overwrite: bool = False, is_ours: Callable[[Path], bool] = is_export) -> Iterator[Path]:
     """Yield a new temporary folder beside `output`; on success it becomes `output`, on failure it vanishes.
     File-system errors become one line naming the file and the cause."""
     tmp = output.with_name(temporary_name(output, "tmp"))
@@ -196,7 +202,7 @@ def atomic_folder(output: Path, overwrite: bool = False) -> Iterator[Path]:
             yield tmp
             (tmp / MARKER).unlink()
             normalize_modes(tmp)
-            place(tmp, output, overwrite)
+            place(tmp, output, overwrite, is_ours)
         except OSError as exc:
             where = str(exc.filename or output).replace(str(tmp), str(output))
             raise UserError(f"{where}: {os_reason(exc)}") from None

@@ -1,0 +1,107 @@
+"""`starcast triton-repo EXPORT_DIR REPO_DIR`: a Triton Inference Server model repository that serves the export.
+
+    REPO_DIR/NAME/config.pbtxt    the Python backend, decoupled; inputs and outputs; instance groups
+    REPO_DIR/NAME/1/model.py      starcast/triton/model.py, with where starcast is installed written in
+    REPO_DIR/NAME/1/export/       the export, copied (checked against its manifest) or, with --link, linked
+
+REPO_DIR/NAME is written atomically; other models in REPO_DIR are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import sysconfig
+from pathlib import Path
+
+from starcast.contract.errors import UserError
+from starcast.contract.manifest import read_manifest, verify_files
+from starcast.pipeline.folders import atomic_folder, check_output
+
+MODEL_SOURCE = Path(__file__).with_name("model.py")
+EXPORT = "export"
+
+INPUTS = [  # name, type, dims
+    ("prompt", "TYPE_STRING", "[ 1 ]"),
+    ("prompt_ids", "TYPE_INT64", "[ -1 ]"),
+    ("suffix", "TYPE_STRING", "[ 1 ]"),
+    ("max_tokens", "TYPE_INT32", "[ 1 ]"),
+    ("temperature", "TYPE_FP32", "[ 1 ]"),
+    ("top_p", "TYPE_FP32", "[ 1 ]"),
+    ("top_k", "TYPE_INT32", "[ 1 ]"),
+    ("repetition_penalty", "TYPE_FP32", "[ 1 ]"),
+    ("seed", "TYPE_INT64", "[ 1 ]"),
+    ("stop", "TYPE_STRING", "[ -1 ]"),
+]
+OUTPUTS = [("text", "TYPE_STRING", "[ 1 ]"), ("token_ids", "TYPE_INT64", "[ -1 ]"), ("finished", "TYPE_BOOL", "[ 1 ]"),
+           ("finish_reason", "TYPE_STRING", "[ 1 ]")]  # fmt: skip
+
+
+def config_text(name: str, instances: int, max_batch: int, max_queue: int, provider: str) -> str:
+    def tensors(items, optional: bool) -> str:
+        flag = " optional: true" if optional else ""
+        return ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: {d}{flag} }}' for n, t, d in items)
+
+    kind = "KIND_GPU" if provider == "cuda" else "KIND_CPU"
+    parameters = {"export": EXPORT, "max_batch": max_batch, "max_queue": max_queue}
+    return "\n".join([
+        f'name: "{name}"',
+        'backend: "python"',
+        "max_batch_size: 0  # the model batches concurrent requests itself: a starcast engine per instance",
+        "model_transaction_policy { decoupled: true }  # tokens stream back as they are generated",
+        f"input [\n{tensors(INPUTS, True)}\n]",
+        f"output [\n{tensors(OUTPUTS, False)}\n]",
+        f"instance_group [ {{ count: {instances} kind: {kind} }} ]  # KIND_GPU: {instances} per visible GPU",
+        *(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()),
+        "",
+    ])  # fmt: skip
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A model folder `starcast triton-repo` wrote (which --overwrite may replace)."""
+    model = folder / "1" / "model.py"
+    return model.is_file() and "starcast triton-repo" in model.read_text(errors="replace")[:2000]
+
+
+def site_packages() -> list[str]:
+    """Where this Python finds starcast and its dependencies, for a Triton stub that does not look there."""
+    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    return list(dict.fromkeys(p for p in paths if Path(p).is_dir()))
+
+
+def model_text() -> str:
+    source = MODEL_SOURCE.read_text()
+    return source.replace("SITE_PACKAGES: list = []", f"SITE_PACKAGES: list = {site_packages()!r}", 1)
+
+
+def write_repository(
+    export_dir: Path, repo_dir: Path, name: str = "starcoder", instances: int = 1, max_batch: int = 8,
+    max_queue: int = 64, provider: str = "cpu", link: bool = False, overwrite: bool = False,
+) -> Path:  # fmt: skip
+    if not name or "/" in name or name.startswith("."):
+        raise UserError(f"{name!r} is not a usable model name")
+    for what, value in (("instances", instances), ("max batch", max_batch)):
+        if value < 1:
+            raise UserError(f"{what} must be >= 1")
+    source = export_dir.expanduser().absolute()
+    manifest = read_manifest(source)
+    verify_files(source, manifest)
+    repo_dir = repo_dir.expanduser().absolute()
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    target = check_output(repo_dir / name, overwrite, (source,), is_model_folder)
+    with atomic_folder(target, overwrite, is_model_folder) as tmp:
+        (tmp / "config.pbtxt").write_text(config_text(name, instances, max_batch, max_queue, provider))
+        version = tmp / "1"
+        version.mkdir()
+        (version / "model.py").write_text(model_text())
+        if link:
+            os.symlink(source, version / EXPORT)
+        else:
+            (version / EXPORT).mkdir()
+            for file in manifest.files:
+                destination = version / EXPORT / file
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(manifest.path(source, file), destination)
+            shutil.copyfile(source / "starcast.json", version / EXPORT / "starcast.json")
+    return target
