@@ -34,8 +34,10 @@ from starcast.contract.config import GPTBigCodeConfig
 from starcast.contract.errors import UserError
 from starcast.contract.graph_files import IR_VERSION, save_model
 from starcast.graphs.attention import attention_rules
+from starcast.graphs.attention_cpu import static_shape_attention_rules
 from starcast.graphs.gelu import gelu_bias_rules, gelu_rules
 from starcast.graphs.last_logits import last_logits_rules
+from starcast.graphs.skip_norm_bias import skip_norm_bias_rules
 from starcast.graphs.static_cache import add_static_cache_inputs, finish_static_cache_interface
 
 FUSED_OPS = ("GroupQueryAttention", "FastGelu", "Gelu", "BiasGelu", "SkipLayerNormalization")
@@ -125,6 +127,8 @@ def fuse(model: ir.Model, config: GPTBigCodeConfig, target: str, dtype: str) -> 
     optimize(model)
 
     interface = io.TARGET_INTERFACES[target]
+    if interface == io.CONCAT_CACHE and config.multi_query:
+        apply("attention", static_shape_attention_rules(config, dtype), model, n_layer, report)
     if interface == io.STATIC_CACHE:
         layers = add_static_cache_inputs(model, config, dtype)
         apply("attention", attention_rules(config, layers, dtype), model, n_layer, report)
@@ -144,6 +148,8 @@ def fuse(model: ir.Model, config: GPTBigCodeConfig, target: str, dtype: str) -> 
             f"pass skip_layer_norm matched {matched} times, expected {2 * n_layer + 1} (two per layer and ln_f); "
             f"{why_not(skip_layer_normalization_ruleset, model)}"
         )
+    # Every projection's bias: the attention's and the MLP's output projection of every layer.
+    apply("skip_norm_bias", skip_norm_bias_rules, model, 2 * n_layer, report)
     optimize(model)
     common_passes.RemoveUnusedNodesPass()(model)
     model.opset_imports["com.microsoft"] = 1

@@ -1,0 +1,88 @@
+"""Multi-query attention without shape arithmetic, for the cpu target.
+
+The plain graph folds the query heads into the rows of one batched MatMul ([batch, sequence*heads, head_dim]
+against the shared key) and reshapes the scores to [batch, sequence, heads, total] for the mask. Each of its
+four Reshapes takes a shape computed at run time from Shape/Gather/Unsqueeze/Concat nodes, about a dozen tiny
+nodes per layer that a decode step runs for nothing (ONNX Runtime's CPU provider pays for every node).
+
+Rewritten, the heads get an axis of their own and the shared key a broadcast axis, so every Reshape is constant
+(0 copies a dimension, -1 is not needed):
+
+    query   [b, s, d]    -> Reshape [0, 0, heads, head_dim]         -> [b, s, heads, head_dim]
+    key     [b, t, hd]   -> Transpose, Unsqueeze                      -> [b, 1, head_dim, t]
+    scores  MatMul (broadcast over s)                                 -> [b, s, heads, t]   the mask [b, s, 1, t] as is
+    value   [b, t, hd]   -> Unsqueeze                                 -> [b, 1, t, head_dim]
+    out     MatMul -> [b, s, heads, head_dim] -> Reshape [0, 0, d]    -> [b, s, d]
+
+The merged cache's Concat and its `present` output stay as they are.
+"""
+
+from __future__ import annotations
+
+from onnxscript.rewriter import pattern
+
+from starcast.contract.config import GPTBigCodeConfig
+from starcast.graphs.attention import FLOAT, softmax_upcast, unscale_factor
+
+
+class MultiQueryAttentionStaticShapes(pattern.RewriteRuleClassBase):
+    """One layer of the plain graph's multi-query attention, its dynamic Reshapes -> constant ones."""
+
+    def __init__(self, name: str, config: GPTBigCodeConfig, upcast: bool, unscale: bool):
+        super().__init__(name, remove_nodes=True)
+        self.config, self.upcast, self.unscale = config, upcast, unscale
+        self.scaled = config.scale_attn_weights or unscale
+
+    def pattern(self, op, qkv, past, allowed, mask_value, scale, factor):
+        query, new_kv = op.Split(qkv, pattern.ANY_VALUE, axis=2, _outputs=2)
+        present = op.Concat(past, new_kv, axis=1)
+        key, value = op.Split(present, pattern.ANY_VALUE, axis=-1, _outputs=2)
+        scores = op.MatMul(op.Reshape(query, pattern.ANY_VALUE), op.Transpose(key, perm=[0, 2, 1]))
+        scores = op.Reshape(scores, pattern.ANY_VALUE)
+        if self.scaled:
+            scores = op.Mul(scores, scale)
+        if self.upcast:
+            scores = op.Cast(scores, to=FLOAT)
+            if self.unscale:
+                scores = op.Mul(scores, factor)
+        probs = op.Softmax(op.Where(allowed, scores, mask_value), axis=-1)
+        if self.upcast:
+            probs = op.Cast(probs, _allow_other_attributes=True, _outputs=["probs"])
+        out = op.MatMul(op.Reshape(probs, pattern.ANY_VALUE), value)
+        return op.Reshape(out, pattern.ANY_VALUE), present
+
+    def rewrite(self, op, qkv, past, allowed, mask_value, scale=None, factor=None, probs=None):
+        cfg = self.config
+        query, new_kv = op.Split(qkv, op.Constant(value_ints=[cfg.n_embd, 2 * cfg.head_dim]), axis=2, _outputs=2)
+        present = op.Concat(past, new_kv, axis=1)
+        key, value = op.Split(present, op.Constant(value_ints=[cfg.head_dim, cfg.head_dim]), axis=-1, _outputs=2)
+        heads = op.Reshape(query, op.Constant(value_ints=[0, 0, cfg.n_head, cfg.head_dim]))  # [b, s, nh, hd]
+        key_t = op.Unsqueeze(op.Transpose(key, perm=[0, 2, 1]), op.Constant(value_ints=[1]))  # [b, 1, hd, t]
+        scores = op.MatMul(heads, key_t)  # [b, s, nh, t]
+        if self.scaled:
+            scores = op.Mul(scores, scale)
+        if self.upcast:
+            scores = op.Cast(scores, to=FLOAT)
+            if self.unscale:
+                scores = op.Mul(scores, factor)
+        weights = op.Softmax(op.Where(allowed, scores, mask_value), axis=-1)
+        if self.upcast:
+            weights = op.Cast(weights, to=probs.dtype)
+        out = op.MatMul(weights, op.Unsqueeze(value, op.Constant(value_ints=[1])))  # [b, s, nh, hd]
+        return op.Reshape(out, op.Constant(value_ints=[0, 0, cfg.n_embd])), present
+
+    def check(self, context, allowed, **_):
+        result = pattern.MatchResult()
+        shape = allowed.shape
+        if shape is not None and shape.rank() is not None and shape.rank() != 4:
+            return result.fail(f"the mask has rank {shape.rank()}, expected [batch, sequence, 1, total]")
+        return result
+
+
+def static_shape_attention_rules(config: GPTBigCodeConfig, dtype: str) -> pattern.RewriteRuleSet:
+    upcast = softmax_upcast(config, dtype)
+    variants = [(upcast, False)]
+    if unscale_factor(config, dtype, 1) != 1.0:
+        variants.insert(0, (True, True))
+    rule = MultiQueryAttentionStaticShapes
+    return pattern.RewriteRuleSet([rule.rule(f"{rule.__name__}{'_unscale' * u}", config, c, u) for c, u in variants])
