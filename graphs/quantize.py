@@ -77,6 +77,35 @@ def quantize_graph(
     quantizer.process()
     quantized = quantizer.model.model
     quantized.ir_version = IR_VERSION
+    folded = fold_bias_into_matmul_nbits(quantized)
     count = sum(node.op_type == "MatMulNBits" for node in quantized.graph.node)
     save_model(quantized, target, share_with=share_with)
-    return {"matmul_nbits": count}
+    return {"matmul_nbits": count, "biases_folded": folded}
+
+
+def fold_bias_into_matmul_nbits(proto: onnx.ModelProto) -> int:
+    """Add(MatMulNBits(x), bias) -> MatMulNBits(x, bias=bias) (its sixth input): one node less per biased layer."""
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "MatMulNBits" or len(node.input) > 5 or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        bias = next((name for name in add.input if name != node.output[0]), None)
+        n = next(a.i for a in node.attribute if a.name == "N")
+        if bias not in initializers or list(initializers[bias].dims) != [n]:
+            continue
+        node.input.extend([""] * (5 - len(node.input)) + [bias])  # zero points and g_idx stay absent
+        node.output[0] = add.output[0]
+        graph.node.remove(add)
+        folded += 1
+    return folded
