@@ -33,19 +33,22 @@ class MultiQueryAttentionStaticShapes(pattern.RewriteRuleClassBase):
         self.config, self.upcast, self.unscale = config, upcast, unscale
         self.scaled = config.scale_attn_weights or unscale
 
-    def pattern(self, op, qkv, past, allowed, mask_value, scale, factor):
-        query, new_kv = op.Split(qkv, pattern.ANY_VALUE, axis=2, _outputs=2)
-        present = op.Concat(past, new_kv, axis=1)
-        key, value = op.Split(present, pattern.ANY_VALUE, axis=-1, _outputs=2)
-        scores = op.MatMul(op.Reshape(query, pattern.ANY_VALUE), op.Transpose(key, perm=[0, 2, 1]))
-        scores = op.Reshape(scores, pattern.ANY_VALUE)
+    def softmax(self, op, scores, allowed, mask_value, scale, factor):
+        """The scaled, masked softmax as the exporter emits it (in fp32, with the fp16 checkpoints' unscaling)."""
         if self.scaled:
             scores = op.Mul(scores, scale)
         if self.upcast:
             scores = op.Cast(scores, to=FLOAT)
             if self.unscale:
                 scores = op.Mul(scores, factor)
-        probs = op.Softmax(op.Where(allowed, scores, mask_value), axis=-1)
+        return op.Softmax(op.Where(allowed, scores, mask_value), axis=-1)
+
+    def pattern(self, op, qkv, past, allowed, mask_value, scale, factor):
+        query, new_kv = op.Split(qkv, pattern.ANY_VALUE, axis=2, _outputs=2)
+        present = op.Concat(past, new_kv, axis=1)
+        key, value = op.Split(present, pattern.ANY_VALUE, axis=-1, _outputs=2)
+        scores = op.MatMul(op.Reshape(query, pattern.ANY_VALUE), op.Transpose(key, perm=[0, 2, 1]))
+        probs = self.softmax(op, op.Reshape(scores, pattern.ANY_VALUE), allowed, mask_value, scale, factor)
         if self.upcast:
             probs = op.Cast(probs, _allow_other_attributes=True, _outputs=["probs"])
         out = op.MatMul(op.Reshape(probs, pattern.ANY_VALUE), value)
@@ -58,14 +61,7 @@ class MultiQueryAttentionStaticShapes(pattern.RewriteRuleClassBase):
         key, value = op.Split(present, op.Constant(value_ints=[cfg.head_dim, cfg.head_dim]), axis=-1, _outputs=2)
         heads = op.Reshape(query, op.Constant(value_ints=[0, 0, cfg.n_head, cfg.head_dim]))  # [b, s, nh, hd]
         key_t = op.Unsqueeze(op.Transpose(key, perm=[0, 2, 1]), op.Constant(value_ints=[1]))  # [b, 1, hd, t]
-        scores = op.MatMul(heads, key_t)  # [b, s, nh, t]
-        if self.scaled:
-            scores = op.Mul(scores, scale)
-        if self.upcast:
-            scores = op.Cast(scores, to=FLOAT)
-            if self.unscale:
-                scores = op.Mul(scores, factor)
-        weights = op.Softmax(op.Where(allowed, scores, mask_value), axis=-1)
+        weights = self.softmax(op, op.MatMul(heads, key_t), allowed, mask_value, scale, factor)  # [b, s, nh, t]
         if self.upcast:
             weights = op.Cast(weights, to=probs.dtype)
         out = op.MatMul(weights, op.Unsqueeze(value, op.Constant(value_ints=[1])))  # [b, s, nh, hd]

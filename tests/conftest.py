@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,53 @@ def rehash(folder: Path) -> None:
     from starcast.contract.manifest import sha256
 
     rewrite_manifest(folder, lambda m: m["files"].update({n: sha256(folder / n) for n in m["files"]}))
+
+
+# -- servers started by tests: loopback only, bounded waits, stopped by their process ids ------------------------
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """Ports free on 127.0.0.1 right now (all held open together, so they differ)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for probe in sockets:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in sockets]
+    for probe in sockets:
+        probe.close()
+    return ports
+
+
+@contextmanager
+def started(command: list[str], ready_url: str, env=None, timeout: float = 120):
+    """A server process, once `ready_url` answers 200; SIGTERM (then SIGKILL) by its pid at the end. Its stderr
+    goes to a file (a pipe nobody reads can fill and stall a chatty server); `process.log()` reads it."""
+    import tempfile
+    import time
+    import urllib.request
+
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env or OFFLINE)
+    process.log = lambda: (log.seek(0), log.read())[1]
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.log()[-3000:]
+            try:
+                if urllib.request.urlopen(ready_url, timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError(f"{command[0]} did not become ready within {timeout} s")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import socket
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
-from conftest import OFFLINE
+from conftest import OFFLINE, free_ports, started
 
 from starcast.runtime.generator import Generator
 
@@ -25,41 +24,13 @@ openai = pytest.importorskip("openai")
 PROMPTS = ["def add(a, b):\n", "class Point:\n", "for i in range(", "print('", "import os\n", "x = [", "while ", "#"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def server(target, *options, env=None, timeout=120):
     """A `starcast serve` process on a free loopback port, ready; stopped by its pid at the end."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "starcast", "serve", str(target), "--port", str(port), *map(str, options)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or OFFLINE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                if get(port, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the server did not become ready")
+    (port,) = free_ports()
+    command = [sys.executable, "-m", "starcast", "serve", str(target), "--port", str(port), *map(str, options)]
+    with started(command, f"http://127.0.0.1:{port}/health", env, timeout) as process:
         yield port, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -235,7 +206,7 @@ def test_sigterm_lets_the_running_stream_finish_and_exits_0(small_export):
         rest = response.read().decode()
         assert rest.rstrip().endswith("data: [DONE]")
         assert process.wait(timeout=30) == 0
-        assert "Traceback" not in process.stderr.read()
+        assert "Traceback" not in process.log()
 
 
 def test_serving_the_builtin_model_exports_it_once(tmp_path):
@@ -250,7 +221,7 @@ def test_serving_the_builtin_model_exports_it_once(tmp_path):
 
 def test_a_folder_that_is_not_an_export_is_one_line_before_the_port_opens(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "starcast", "serve", str(tmp_path), "--port", str(free_port())],
+        [sys.executable, "-m", "starcast", "serve", str(tmp_path), "--port", str(free_ports()[0])],
         capture_output=True, text=True, env=OFFLINE, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip().startswith("starcast: error:")

@@ -10,7 +10,6 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_ports, started
 
 from starcast.runtime.generator import Generator
 from starcast.triton.repository import write_repository
@@ -30,18 +30,6 @@ TRITON = Path(pytriton.__file__).parent / "tritonserver"
 LIBS = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
 NAME = "starcoder"
 PROMPTS = ["def add(a, b):\n", "class Stack:\n", "import os\n", "for i in range(", "x = [", "while ", "#", "print("]
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -74,27 +62,8 @@ def tritonserver(repo: Path, backends: Path, timeout: float = 120):
         "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1", "--log-verbose=0",
     ]  # fmt: skip
     env = {**os.environ, "LD_LIBRARY_PATH": f"{LIBS}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("tritonserver did not become ready")
+    with started(command, f"http://127.0.0.1:{http}/v2/health/ready", env, timeout) as process:
         yield {"http": http, "grpc": grpc, "process": process}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def stream(port: int, inputs: dict[str, np.ndarray], timeout: float = 60) -> tuple[list[int], str, str | None]:
