@@ -104,6 +104,7 @@ def prepare_starcast(checkpoint: Path, work: Path) -> dict[str, Path]:
     from starcast.pipeline.derive import quantize_export
     from starcast.pipeline.export import export
 
+    work.mkdir(parents=True, exist_ok=True)
     folders = {"fp32": work / "fp32", "int8": work / "int8", "int4": work / "int4"}
     if not (folders["fp32"] / "starcast.json").is_file():
         export(str(checkpoint), folders["fp32"], fuse_target="cpu", overwrite=folders["fp32"].exists())

@@ -5,14 +5,14 @@ against the shared key) and reshapes the scores to [batch, sequence, heads, tota
 four Reshapes takes a shape computed at run time from Shape/Gather/Unsqueeze/Concat nodes, about a dozen tiny
 nodes per layer that a decode step runs for nothing (ONNX Runtime's CPU provider pays for every node).
 
-Rewritten, the heads get an axis of their own and the shared key a broadcast axis, so every Reshape is constant
-(0 copies a dimension, -1 is not needed):
+Rewritten, every per-layer Reshape is constant (0 copies a dimension, -1 infers one), and the mask takes the
+scores' layout instead, once per step (the mask nodes are the same in every layer: common-subexpression
+elimination keeps one copy):
 
-    query   [b, s, d]    -> Reshape [0, 0, heads, head_dim]         -> [b, s, heads, head_dim]
-    key     [b, t, hd]   -> Transpose, Unsqueeze                      -> [b, 1, head_dim, t]
-    scores  MatMul (broadcast over s)                                 -> [b, s, heads, t]   the mask [b, s, 1, t] as is
-    value   [b, t, hd]   -> Unsqueeze                                 -> [b, 1, t, head_dim]
-    out     MatMul -> [b, s, heads, head_dim] -> Reshape [0, 0, d]    -> [b, s, d]
+    query   [b, s, d]          -> Reshape [0, -1, head_dim]              -> [b, s*heads, head_dim]
+    scores  MatMul(query, Transpose(key))                                -> [b, s*heads, t]
+    mask    [b, s, 1, t]       -> Expand [1, 1, heads, 1], Reshape        -> [b, s*heads, t]   (once a step)
+    out     MatMul(probs, value) [b, s*heads, head_dim] -> Reshape [0, -1, d] -> [b, s, d]
 
 The merged cache's Concat and its `present` output stay as they are.
 """
@@ -59,13 +59,19 @@ class MultiQueryAttentionStaticShapes(pattern.RewriteRuleClassBase):
         query, new_kv = op.Split(qkv, op.Constant(value_ints=[cfg.n_embd, 2 * cfg.head_dim]), axis=2, _outputs=2)
         present = op.Concat(past, new_kv, axis=1)
         key, value = op.Split(present, op.Constant(value_ints=[cfg.head_dim, cfg.head_dim]), axis=-1, _outputs=2)
-        heads = op.Reshape(query, op.Constant(value_ints=[0, 0, cfg.n_head, cfg.head_dim]))  # [b, s, nh, hd]
-        key_t = op.Unsqueeze(op.Transpose(key, perm=[0, 2, 1]), op.Constant(value_ints=[1]))  # [b, 1, hd, t]
-        weights = self.softmax(op, op.MatMul(heads, key_t), allowed, mask_value, scale, factor)  # [b, s, nh, t]
+        rows = op.Reshape(query, op.Constant(value_ints=[0, -1, cfg.head_dim]))  # [b, s*nh, hd]
+        scores = op.MatMul(rows, op.Transpose(key, perm=[0, 2, 1]))  # [b, s*nh, t]
+        weights = self.softmax(op, scores, self.row_mask(op, allowed), mask_value, scale, factor)
         if self.upcast:
             weights = op.Cast(weights, to=probs.dtype)
-        out = op.MatMul(weights, op.Unsqueeze(value, op.Constant(value_ints=[1])))  # [b, s, nh, hd]
-        return op.Reshape(out, op.Constant(value_ints=[0, 0, cfg.n_embd])), present
+        out = op.MatMul(weights, value)  # [b, s*nh, hd]
+        return op.Reshape(out, op.Constant(value_ints=[0, -1, cfg.n_embd])), present
+
+    def row_mask(self, op, allowed):
+        """The mask [b, s, 1, t] as [b, s*nh, t]: the same nodes in every layer, which CSE leaves once a step."""
+        heads = op.Expand(allowed, op.Constant(value_ints=[1, 1, self.config.n_head, 1]))  # [b, s, nh, t]
+        total = op.Shape(allowed, start=3)
+        return op.Reshape(heads, op.Concat(op.Constant(value_ints=[0, -1]), total, axis=0))
 
     def check(self, context, allowed, **_):
         result = pattern.MatchResult()

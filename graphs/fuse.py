@@ -129,6 +129,7 @@ def fuse(model: ir.Model, config: GPTBigCodeConfig, target: str, dtype: str) -> 
     interface = io.TARGET_INTERFACES[target]
     if interface == io.CONCAT_CACHE and config.multi_query:
         apply("attention", static_shape_attention_rules(config, dtype), model, n_layer, report)
+        common_passes.CommonSubexpressionEliminationPass()(model)  # one mask for every layer
     if interface == io.STATIC_CACHE:
         layers = add_static_cache_inputs(model, config, dtype)
         apply("attention", attention_rules(config, layers, dtype), model, n_layer, report)

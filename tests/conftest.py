@@ -220,12 +220,17 @@ def started(command: list[str], ready_url: str, env=None, timeout: float = 120):
     """A server process, once `ready_url` answers 200; SIGTERM (then SIGKILL) by its pid at the end. Its stderr
     goes to a file (a pipe nobody reads can fill and stall a chatty server); `process.log()` reads it."""
     import tempfile
+
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env or OFFLINE)
+        process.log = lambda: (log.seek(0), log.read())[1]
+        yield from serve_until_stopped(process, ready_url, timeout)
+
+
+def serve_until_stopped(process, ready_url: str, timeout: float):
     import time
     import urllib.request
 
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env or OFFLINE)
-    process.log = lambda: (log.seek(0), log.read())[1]
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -236,7 +241,7 @@ def started(command: list[str], ready_url: str, env=None, timeout: float = 120):
             except OSError:
                 time.sleep(0.1)
         else:
-            raise AssertionError(f"{command[0]} did not become ready within {timeout} s")
+            raise AssertionError(f"{process.args[0]} did not become ready within {timeout} s")
         yield process
     finally:
         if process.poll() is None:
@@ -246,4 +251,3 @@ def started(command: list[str], ready_url: str, env=None, timeout: float = 120):
             except subprocess.TimeoutExpired:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
-        log.close()
