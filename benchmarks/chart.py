@@ -1,4 +1,8 @@
-"""Draw benchmarks/decode_tokens_per_s.png from compare.py's results.json: decode tokens/s per system and batch."""
+"""Charts of the benchmarks' results.
+
+python benchmarks/chart.py                     decode_tokens_per_s.png from compare.py's results.json
+python benchmarks/chart.py peers A.json B.json peers_decode_tokens_per_s.png from peers.py's results
+"""
 
 from __future__ import annotations
 
@@ -47,5 +51,38 @@ def main(results: Path = HERE / "results.json", out: Path = HERE / "decode_token
     print(f"wrote {out}")
 
 
+COLORS = {"starcast": "#d62728", "llama.cpp": "#1f77b4", "CTranslate2": "#7f7f7f"}
+
+
+def peers(*results: Path, out: Path = HERE / "peers_decode_tokens_per_s.png") -> None:
+    """One panel per model and batch: decode tokens/s (aggregate) of every system at every precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for path in results:
+        data = json.loads(path.read_text())
+        for batch in sorted({row["batch"] for row in data["rows"]}):
+            rows = [r for r in data["rows"] if r["batch"] == batch and "decode_tokens_per_s" in r]
+            panels.append((f"{data['label']}, batch {batch}", rows))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels, strict=True):
+        labels = [f"{r['system']}\n{r['precision']}" for r in rows]
+        bars = ax.bar(range(len(rows)), [r["decode_tokens_per_s"] for r in rows],
+                      color=[COLORS.get(r["system"], "#999999") for r in rows])  # fmt: skip
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{title}: decode tokens/s", fontsize=9)
+    figure.suptitle("starcast, llama.cpp and CTranslate2 on the same CPU in one run (2 threads)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    main(*(Path(a) for a in sys.argv[1:]))
+    if sys.argv[1:2] == ["peers"]:
+        peers(*(Path(a) for a in sys.argv[2:]))
+    else:
+        main(*(Path(a) for a in sys.argv[1:]))

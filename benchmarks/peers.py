@@ -4,7 +4,8 @@
     python benchmarks/peers.py --checkpoint CKPT_DIR --peers PEERS_DIR [--label tiny_starcoder] [--rounds 3]
 
 Systems and precisions (each measured by its own tool or API, 2 threads):
-  starcast     fp32 (cpu-fused graph), int8 and int4 (MatMulNBits, block 32)   `starcast bench --json`
+  starcast     fp32 (cpu-fused graph), int8 and int4 (MatMulNBits, block 32), int8-dynamic
+               (DynamicQuantizeMatMul, per channel)                               `starcast bench --json`
   llama.cpp    f32, Q8_0, Q4_0 (GGUF, architecture `starcoder`)                 `llama-bench` (decode after a
                128-token context: -p 0 -n 64 -d 128; prefill: -p 128 -n 0); batch 4: `llama-batched-bench`
   CTranslate2  float32, int8                                                     its Generator API
@@ -105,10 +106,10 @@ def prepare_starcast(checkpoint: Path, work: Path) -> dict[str, Path]:
     from starcast.pipeline.export import export
 
     work.mkdir(parents=True, exist_ok=True)
-    folders = {"fp32": work / "fp32", "int8": work / "int8", "int4": work / "int4"}
+    folders = {name: work / name for name in ("fp32", "int8", "int4", "int8-dynamic")}
     if not (folders["fp32"] / "starcast.json").is_file():
         export(str(checkpoint), folders["fp32"], fuse_target="cpu", overwrite=folders["fp32"].exists())
-    for precision in ("int8", "int4"):
+    for precision in ("int8", "int4", "int8-dynamic"):
         if not (folders[precision] / "starcast.json").is_file():
             quantize_export(folders["fp32"], folders[precision], precision, 32, None, folders[precision].exists())
     return folders

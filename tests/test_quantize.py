@@ -22,32 +22,36 @@ def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     folder, _ = save_checkpoint_with_tokenizer(root / "ckpt")
     export(str(folder), root / "out", fuse_target="cuda")
+    export(str(folder), root / "out-cpu", fuse_target="cpu")
     (root / "eval.txt").write_text("".join(CORPUS) * 8)
     return root
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_graphs_run_and_record_accuracy(source, tmp_path, bits):
-    before = file_hashes(source / "out")
-    manifest = quantize_export(source / "out", tmp_path / "q", f"int{bits}", 32, source / "eval.txt", False, QUIET)
-    assert file_hashes(source / "out") == before  # the source export is untouched
+@pytest.mark.parametrize("quantization", ["int8", "int4", "int8-dynamic"])
+def test_quantized_graphs_run_and_record_accuracy(source, tmp_path, quantization):
+    folder = source / ("out-cpu" if quantization == "int8-dynamic" else "out")  # a kernel without CUDA: cpu-fused
+    before = file_hashes(folder)
+    manifest = quantize_export(folder, tmp_path / "q", quantization, 32, source / "eval.txt", False, QUIET)
+    assert file_hashes(folder) == before  # the source export is untouched
     quant = manifest.quantization
     n_layer = manifest.config.n_layer
     assert quant["graphs"] == {  # every linear layer; the biases the fused graph did not take into its own ops
-        "model.onnx": {"matmul_nbits": 4 * n_layer + 1, "biases_folded": 4 * n_layer},
-        "fused.onnx": {"matmul_nbits": 4 * n_layer + 1, "biases_folded": n_layer},
+        "model.onnx": {"quantized_matmuls": 4 * n_layer + 1, "biases_folded": 4 * n_layer},
+        "fused.onnx": {"quantized_matmuls": 4 * n_layer + 1, "biases_folded": n_layer},
     }
     accuracy = quant["accuracy"]
     assert accuracy["eval_tokens"] >= 128 and accuracy["perplexity_float"] > 1
     assert accuracy["agreement_steps"] > 32 and 0 <= accuracy["top1_agreement"] <= 1
-    if bits == 8:
+    assert quant["format"] == ("DynamicQuantizeMatMul" if quantization == "int8-dynamic" else "MatMulNBits")
+    if quantization == "int8":
         assert accuracy["top1_agreement"] >= 0.95 and abs(accuracy["perplexity_increase"]) < 0.01
+    if quantization == "int8-dynamic":  # activations per tensor: coarser on this random model's outliers
+        assert accuracy["top1_agreement"] >= 0.75 and abs(accuracy["perplexity_increase"]) < 0.05
     recorded = json.loads((tmp_path / "q" / "starcast.json").read_text())["quantization"]
     assert recorded == json.loads(json.dumps(quant))
     proto = onnx.load(str(tmp_path / "q" / "model.onnx"))
-    assert not [
-        n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in proto.graph.initializer}
-    ]
+    weights = {i.name for i in proto.graph.initializer}
+    assert not [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     ids, mask = left_padded_batch(manifest.config.vocab_size, [6, 3])
     for graph in ("plain", "fused"):
         out = Generator.from_pretrained(tmp_path / "q", graph=graph).generate(ids, mask, max_new_tokens=8)
@@ -60,6 +64,8 @@ def test_quantized_graphs_run_and_record_accuracy(source, tmp_path, bits):
 def test_bad_quantization_requests_are_refused(source, tmp_path):
     with pytest.raises(UserError, match="quantization 'int3'"):
         quantize_export(source / "out", tmp_path / "a", "int3", 32, None, False, QUIET)
+    with pytest.raises(UserError, match="CPU only"):
+        quantize_export(source / "out", tmp_path / "a", "int8-dynamic", 32, None, False, QUIET)
     with pytest.raises(UserError, match="block size 48"):
         quantize_export(source / "out", tmp_path / "a", "int4", 48, None, False, QUIET)
     (tmp_path / "short.txt").write_text("x = 1\n")

@@ -11,7 +11,7 @@ from starcast.contract.interfaces import TARGETS
 
 PROVIDERS = ("cpu", "cuda")
 GRAPHS = ("auto", "plain", "fused")
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "int8-dynamic")
 BLOCK_SIZES = ("32", "64", "128")
 
 

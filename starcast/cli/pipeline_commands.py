@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from starcast.cli.app import (
+    QUANTIZATIONS,
     block_size_option,
     cli,
     dtype_option,
@@ -106,7 +107,14 @@ def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: 
 @cli.command("quantize")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
-@click.option("--quantize", "quantization", type=click.Choice(("int8", "int4")), default="int4", show_default=True)
+@click.option(
+    "--quantize",
+    "quantization",
+    type=click.Choice(QUANTIZATIONS),
+    default="int4",
+    show_default=True,
+    help="int8/int4: MatMulNBits (block-wise); int8-dynamic: DynamicQuantizeMatMul (per channel, CPU).",
+)
 @block_size_option
 @click.option("--eval-text", type=click.Path(path_type=Path), help="Text to measure perplexity on (first MiB).")
 @overwrite_option

@@ -14,7 +14,7 @@ from starcast.contract.graph_files import FUSED_MODEL, io_signature, load_header
 from starcast.contract.manifest import GraphRecord, Manifest, Proof
 from starcast.contract.paths import confine
 from starcast.graphs.fuse import fuse_file
-from starcast.graphs.quantize import SETTINGS, check_options, quantize_graph
+from starcast.graphs.quantize import DYNAMIC, check_options, quantize_graph, settings
 from starcast.pipeline.accuracy import eval_tokens_for, measure
 from starcast.pipeline.progress import QUIET, Progress
 from starcast.pipeline.proof import TOLERANCES, graph_parity, parity_inputs, prove_fused
@@ -71,6 +71,8 @@ def add_quantization(
     the quantized graphs: against the float graph (recorded as a tolerance against the reference, which
     `starcast check` re-proves) and the fused graph against the quantized plain graph."""
     bits = check_options(quantization, block_size)
+    if quantization == DYNAMIC and manifest.fused is not None and manifest.fused.target != "cpu":
+        raise UserError(f"{DYNAMIC} runs on the CPU only (DynamicQuantizeMatMul has no CUDA kernel): use int8")
     if manifest.quantization is not None:
         raise UserError(f"{folder.name}: already quantized ({manifest.quantization.get('quantization')})")
     config, dtype = manifest.config, manifest.dtype
@@ -84,7 +86,7 @@ def add_quantization(
                 target = confine(folder, name, str(folder))
                 plain = folder / manifest.plain.model
                 share = plain if name != manifest.plain.model and plain.parent == target.parent else None
-                counts[name] = quantize_graph(floats / name, target, bits, block_size, share_with=share)
+                counts[name] = quantize_graph(floats / name, target, quantization, block_size, share_with=share)
         plain_float, plain_quantized = floats / manifest.plain.model, folder / manifest.plain.model
         with progress.stage("accuracy", "quantized vs float, ONNX Runtime CPU"):
             accuracy = measure(plain_float, plain_quantized, config, dtype, tokens)
@@ -111,8 +113,8 @@ def add_quantization(
     manifest.quantization = {
         "quantization": quantization,
         "bits": bits,
-        "block_size": block_size,
-        **SETTINGS,
+        "block_size": None if quantization == DYNAMIC else block_size,
+        **settings(quantization),
         "graphs": counts,
         "accuracy": vars(accuracy),
     }
