@@ -32,7 +32,7 @@ from onnxscript.rewriter.ort_fusions.skip_normalization import (
 from starcast.contract import interfaces as io
 from starcast.contract.config import GPTBigCodeConfig
 from starcast.contract.errors import UserError
-from starcast.contract.graph_files import IR_VERSION, save_model
+from starcast.contract.graph_files import IR_VERSION, check_graph_file, save_model
 from starcast.graphs.attention import attention_rules
 from starcast.graphs.attention_cpu import static_shape_attention_rules
 from starcast.graphs.gelu import gelu_bias_rules, gelu_rules
@@ -162,6 +162,7 @@ def fuse(model: ir.Model, config: GPTBigCodeConfig, target: str, dtype: str) -> 
 def fuse_file(source: Path, target_path: Path, config: GPTBigCodeConfig, target: str, dtype: str) -> FusionReport:
     """Fuse the plain graph at `source` into `target_path`, in the same folder: every tensor the passes did not
     change stays in the plain graph's weights file, so the weights are stored once."""
+    check_graph_file(source)  # its external data stays in its folder, before onnx_ir reads any of it
     model = ir.load(source)
     report = fuse(model, config, target, dtype)
     model.ir_version = IR_VERSION

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from starcast.contract import interfaces as io
 from starcast.contract.errors import UserError
-from starcast.contract.graph_files import IR_VERSION, save_model
+from starcast.contract.graph_files import IR_VERSION, check_graph_file, save_model
 
 QUANTIZATIONS = {"int8": 8, "int4": 4, "int8-dynamic": 8}
 BLOCK_SIZES = (32, 64, 128)
@@ -70,6 +70,7 @@ def quantize_graph(
     source: Path, target: Path, quantization: str, block_size: int, share_with: Path | None = None
 ) -> dict[str, int]:
     """Quantize the graph at `source` into `target`; tensors equal to `share_with`'s are stored once."""
+    check_graph_file(source)  # its external data stays in its folder, before onnx reads any of it
     proto = onnx.load(str(source), load_external_data=True)
     if any(node.op_type in KERNELS for node in proto.graph.node):
         raise UserError(f"{source}: already quantized")

@@ -27,12 +27,18 @@ from starcast.contract.errors import InvalidValue, UserError
 from starcast.runtime.batch_rows import ConcatRows, SlotRows
 from starcast.runtime.export_folder import choose_graph, open_export, read_eos
 from starcast.runtime.generator import check_export_files
-from starcast.runtime.requests import FINISH_CANCELLED, FINISH_ERROR, Request, RowState, describe
+from starcast.runtime.requests import FINISH_CANCELLED, FINISH_ERROR, Event, Request, RowState, describe
 from starcast.runtime.session import SessionOptions, create_session, device_of
 from starcast.runtime.steps import check_interface
 from starcast.runtime.text import Tokenizer
 
 DEFAULT_MAX_LENGTH = 2048
+
+
+def unstarted(request: Request, reason: str, error: str | None = None) -> None:
+    """The final event of a request that never got a row."""
+    with contextlib.suppress(Exception):
+        request.on_event(Event(finish_reason=reason, prompt_tokens=len(request.prompt), error=error))
 
 
 class QueueFull(UserError):
@@ -114,6 +120,10 @@ class Engine:
         with self.wake:
             if not self.accepting:
                 raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:  # requests whose callers went away give their places up
+                for gone in [r for r in self.waiting if r.cancelled.is_set()]:
+                    self.waiting.remove(gone)
+                    unstarted(gone, FINISH_CANCELLED)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.append(request)
@@ -129,54 +139,75 @@ class Engine:
         while (self.running or self.waiting) and time.monotonic() < deadline and self.thread.is_alive():
             time.sleep(0.01)
         with self.wake:
-            for request in [*self.waiting, *(state.request for state in self.running.values())]:
-                request.cancel()
-            self.stopping = True
+            self.stopping = True  # the loop cancels what is left, then ends
             self.wake.notify()
         if self.thread.is_alive():
             self.thread.join(timeout=30)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def loop(self) -> None:
         while True:
             with self.wake:
                 while not (self.waiting or self.running or self.stopping):
                     self.wake.wait()
-                if self.stopping and not self.running and not self.waiting:
-                    return
+                if self.stopping:
+                    for request in [*self.waiting, *(state.request for state in self.running.values())]:
+                        request.cancel()
+                    if not self.running and not self.waiting:
+                        return
                 admitted = []
                 while self.waiting and len(self.running) + len(admitted) < self.batch.max_batch:
                     admitted.append(self.waiting.popleft())
-            self.release_cancelled()
-            for request in admitted:
-                self.admit(request)
-            if self.running:
-                self.decode()
+            try:
+                self.step(admitted)
+            except Exception as exc:  # a defect of the loop itself: the running requests fail, the engine goes on
+                for row, state in list(self.running.items()):
+                    self.fail(state, exc)
+                    with contextlib.suppress(Exception):
+                        self.release(row)
+                self.running.clear()
+
+    def step(self, admitted: list[Request]) -> None:
+        self.release_cancelled()
+        for request in admitted:
+            self.admit(request)
+        if self.running:
+            self.decode()
 
     def release(self, row: int) -> None:
         del self.running[row]
         self.batch.release(row)
 
     @staticmethod
-    def fail(state: RowState, exc: BaseException) -> None:
-        """End one request with an error event (if its callback is what failed and fails again, so be it)."""
-        with contextlib.suppress(Exception):  # a broken callback must not stop the loop that serves the others
-            state.finish(FINISH_ERROR, flush=False, error=describe(exc))
+    def quietly(state: RowState, reason: str, error: str | None = None) -> None:
+        """The final event, whatever the caller's callback does with it: a broken callback must not stop the
+        loop that serves the others."""
+        with contextlib.suppress(Exception):
+            state.finish(reason, flush=False, error=error)
+
+    def fail(self, state: RowState, exc: BaseException) -> None:
+        self.quietly(state, FINISH_ERROR, describe(exc))
 
     def release_cancelled(self) -> None:
         for row, state in list(self.running.items()):
             if state.request.cancelled.is_set():
-                try:
-                    state.finish(FINISH_CANCELLED, flush=False)
-                finally:
-                    self.release(row)
+                self.quietly(state, FINISH_CANCELLED)
+                self.release(row)
 
     def admit(self, request: Request) -> None:
         if request.cancelled.is_set():
-            RowState(request, None, ()).finish(FINISH_CANCELLED, flush=False)
+            unstarted(request, FINISH_CANCELLED)
             return
-        state = RowState(request, self.tokenizer, self.eos)
+        try:
+            state = RowState(request, self.tokenizer, self.eos)
+        except Exception as exc:  # options this request alone got wrong
+            unstarted(request, FINISH_ERROR, describe(exc))
+            return
         try:
             row, logits = self.batch.admit(request.prompt)
         except Exception as exc:  # this request's prefill failed; the running rows are untouched

@@ -169,3 +169,35 @@ def test_a_request_that_fails_fails_alone(exports):
         assert engine.running_rows == 0
     finally:
         engine.stop(0)
+
+
+def test_a_callback_that_raises_on_every_event_does_not_stop_the_engine(exports):
+    engine = Engine.from_export(exports[True, "cpu"], max_batch=2, max_length=128).start()
+    tokenizer = engine.tokenizer
+    ids = np.asarray(tokenizer.encode(PROMPTS[0]), np.int64)
+
+    def hostile(event):
+        raise RuntimeError("a client that raises on everything")
+
+    try:
+        doomed = engine.submit(Request(ids, 50, on_event=hostile))
+        doomed.cancel()
+        engine.submit(Request(ids, 5, SamplingOptions(), stop=[1, 2], on_event=hostile))  # options that break a row
+        collector = Collector(1)
+        engine.submit(Request(ids, 6, on_event=collector.callback(0)))
+        assert collector.done.wait(60) and collector.finish[0].finish_reason == FINISH_LENGTH
+        assert engine.alive and engine.running_rows == 0
+    finally:
+        engine.stop(0)
+    assert not engine.alive
+
+
+def test_stop_cancels_what_is_still_running(exports):
+    engine = Engine.from_export(exports[True, "cpu"], max_batch=1, max_length=128).start()
+    ids = np.asarray(engine.tokenizer.encode(PROMPTS[0]), np.int64)
+    collector = Collector(3)
+    for index in range(3):
+        engine.submit(Request(ids, 100, on_event=collector.callback(index)))
+    engine.stop(grace=0)
+    assert collector.done.wait(30) and not engine.alive
+    assert FINISH_CANCELLED in {event.finish_reason for event in collector.finish.values()}

@@ -4,6 +4,7 @@ graphs, options, file systems, signals and pipes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -222,3 +223,23 @@ def test_api_accepts_numpy_integer_types(small_export):
     generator = Generator.from_pretrained(small_export)
     out = generator.generate(np.array([[1, 2]], dtype=np.int32), max_new_tokens=np.int64(2))
     assert out.dtype == np.int64 and out.shape == (1, 4)
+
+
+def test_manifests_with_nan_and_side_files_that_are_fifos(small_export, tmp_path):
+    folder = copy_export(small_export, tmp_path / "export")
+    text = (folder / "starcast.json").read_text().replace('"timings_s": {', '"timings_s": {"x": NaN, ', 1)
+    (folder / "starcast.json").write_text(text)
+    assert_one_line(starcast("generate", folder, "--ids", "1,2"), 2, "NaN")
+    folder = copy_export(small_export, tmp_path / "fifo")
+    (folder / "generation_config.json").unlink()
+    os.mkfifo(folder / "generation_config.json")  # would block a reader that waits for a writer
+    assert_one_line(starcast("generate", folder, "--ids", "1,2", timeout=60), 2, "not a regular file")
+
+
+def test_a_leftover_folder_with_an_impossible_pid_is_left_alone(tmp_path):
+    folder, _ = save_hf_checkpoint(tmp_path / "ckpt")
+    odd = tmp_path / ".out.tmp-99999999999999999999-0a1b2c3d"
+    odd.mkdir()
+    result = starcast("export", folder, tmp_path / "out", "--no-fuse")
+    assert result.returncode == 0, result.stderr
+    assert odd.is_dir()

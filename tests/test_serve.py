@@ -159,16 +159,31 @@ def disconnect_mid_stream(port: int) -> None:
         ({"prompt": [1, 2, 99999]}, "prompt"),
         ({"prompt": "x " * 200, "max_tokens": 16}, "prompt"),  # does not fit the cache
         ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "temperature": 10**400}, "temperature"),
+        ({"prompt": [10**20]}, "prompt"),
+        ({"prompt": "x", "stop": ["y" * 300]}, "stop"),
+        ("nested", None),  # JSON nested a hundred thousand levels deep
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, body, param):
     port, generator = served
-    status, answer, _ = post(port, body, raw=b"{not json" if body is None else None)
+    raw = (
+        {None: b"{not json", "nested": b"[" * 100_000 + b"]" * 100_000}.get(body)
+        if not isinstance(body, dict)
+        else None
+    )
+    status, answer, _ = post(port, body, raw=raw)
     assert status == 400, answer
     assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
     assert answer["error"]["param"] == param
     good = client(port).completions.create(model="small", prompt=PROMPTS[1], max_tokens=8, temperature=0)
     assert good.choices[0].text == generator.generate_text(PROMPTS[1], max_new_tokens=8)
+
+
+def test_a_body_beyond_the_limit_is_refused(served):
+    port, _ = served
+    status, answer, _ = post(port, None, raw=b'{"prompt": "' + b"x" * (9 << 20) + b'"}')
+    assert status == 413 and "larger than" in answer["error"]["message"]
 
 
 def test_health_models_and_metrics(served):

@@ -83,3 +83,7 @@ def run(argv: list[str] | None) -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         say(f"starcast: error: {where}{(exc.strerror or str(exc)).lower()}")
         sys.exit(2)
+    except Exception as exc:  # a defect of starcast's: one line that says so, never a traceback
+        first = (str(exc).splitlines() or [""])[0][:300]
+        say(f"starcast: internal error ({type(exc).__name__}: {first}); please report it")
+        sys.exit(1)

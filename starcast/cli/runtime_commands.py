@@ -110,7 +110,7 @@ def bench_command(
 @click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
 @click.option("--device", "device_id", type=click.IntRange(0, 63), default=0, show_default=True, help="GPU index.")
 @click.option("--threads", type=click.IntRange(0), default=0, help="CPU threads (0: all cores).")
-@click.option("--grace", type=click.FloatRange(0), default=10.0, show_default=True,
+@click.option("--grace", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
               help="Seconds running requests get to finish after SIGTERM.")  # fmt: skip
 @click.option("--model-name", help="The model id /v1/models reports (default: the folder's name).")
 def serve_command(

@@ -6,7 +6,6 @@ dataclass is built, before anything is sized from it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ class GPTBigCodeConfig:
                 f"(supported: {', '.join(ACTIVATIONS)})"
             )
         eps = self.layer_norm_epsilon
-        if type(eps) not in (int, float) or not (math.isfinite(eps) and 0 < eps < 1):
+        if type(eps) not in (int, float) or not 0 < eps < 1:  # compared before isfinite: no float() of a huge int
             raise UserError(f"config: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
         for name in ("bos_token_id", "eos_token_id"):
             token = getattr(self, name)  # an id beyond the vocabulary is harmless: it is never generated

@@ -80,7 +80,8 @@ def external_data_files(proto: onnx.ModelProto, model_path: Path) -> set[Path]:
             except OSError as exc:
                 raise UserError(f"{where}: {entries['location']} ({os_reason(exc)})") from None
         try:
-            offset, length = int(entries.get("offset", 0)), int(entries.get("length", sizes[path]))
+            offset = int(entries.get("offset", 0))
+            length = int(entries.get("length", sizes[path] - offset))  # no length: to the end of the file
         except ValueError:
             raise UserError(f"{where}: tensor {tensor.name!r} has a non-integer offset or length") from None
         if offset < 0 or length < 0 or offset + length > sizes[path]:

@@ -73,9 +73,13 @@ def take(raw: dict, key: str, kind: type | tuple[type, ...], where: str, default
 
 
 def finite(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{where}: {value!r} is not a finite number")
-    return float(value)
+    try:
+        number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise UserError(f"{where}: {str(value)[:40]} is not a finite number")
+    return number
 
 
 @dataclass

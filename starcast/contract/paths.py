@@ -9,6 +9,8 @@ folder's contents can never make starcast read, write, move or delete anything o
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -39,15 +41,27 @@ def os_reason(exc: OSError) -> str:
 
 
 def read_bytes(path: Path, limit: int, what: str | None = None) -> bytes:
-    """At most `limit` bytes of a file; a larger file is an error, never a large allocation."""
+    """At most `limit` bytes of a regular file; a larger file is an error, never a large allocation, and a FIFO
+    or device is refused rather than waited on."""
     what = what or str(path)
     try:
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except IsADirectoryError:
         raise UserError(f"{what}: is a folder, not a file") from None
     except OSError as exc:
         raise UserError(f"{what}: cannot read ({os_reason(exc)})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{what}: is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{what}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise UserError(f"{what}: cannot read ({os_reason(exc)})") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise UserError(f"{what}: larger than {limit >> 20} MiB, which no valid file of this kind is")
     return data
@@ -58,13 +72,19 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> Any:
     cause."""
     data = read_bytes(path, limit)
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), parse_constant=no_constants)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise UserError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
+
+
+def no_constants(name: str):
+    raise UserError(f"JSON holds {name}, which is no number")
 
 
 def read_text_prefix(path: Path, limit: int) -> str:

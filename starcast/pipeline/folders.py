@@ -37,11 +37,12 @@ def temporary_name(output: Path, kind: str) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a number no process can have counts as running: that folder is not ours)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):
         return True
     return True
 
@@ -175,7 +176,11 @@ def place(tmp: Path, output: Path, overwrite: bool, is_ours: Callable[[Path], bo
         os.rename(output, old)
         if os.environ.get(TEST_SWAP) == "kill-between":
             os.kill(os.getpid(), 9)
-        os.rename(tmp, output)
+        try:
+            os.rename(tmp, output)
+        except OSError:
+            os.rename(old, output)  # put the previous export back before reporting the failure
+            raise
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -20,11 +20,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from starcast.contract.errors import UserError
 from starcast.runtime.engine import Engine, QueueFull
-from starcast.runtime.requests import FINISH_ERROR, Event, Request
+from starcast.runtime.requests import FINISH_CANCELLED, FINISH_ERROR, Event, Request
 from starcast.serve.metrics import Metrics
 from starcast.serve.protocol import BadRequest, Completion, Responses, error_body, parse_completion
 
 RETRY_AFTER_S = 1
+MAX_BODY = 8 << 20  # bytes: a prompt of a few MiB of text, far beyond any context
 
 
 class State:
@@ -62,8 +63,10 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if state.engine is not None:
+        if state.engine is not None and state.engine.alive:
             return JSONResponse({"status": "ok"})
+        if state.engine is not None:
+            return JSONResponse({"status": "error", "error": "the engine stopped"}, status_code=503)
         return JSONResponse({"status": "error" if state.error else "loading", "error": state.error}, status_code=503)
 
     @app.get("/metrics")
@@ -79,12 +82,15 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
         engine = state.engine
         if engine is None:
             return fail(503, "the model is still loading" if not state.error else state.error, "unavailable")
+        raw = await http.body()
+        if len(raw) > MAX_BODY:
+            return fail(413, f"the request body is larger than {MAX_BODY >> 20} MiB", "invalid_request_error")
         try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return fail(400, f"the request body is not valid JSON ({exc})", "invalid_request_error")
-        try:
-            completion = parse_completion(body, engine.tokenizer)
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+            return fail(400, f"the request body is not valid JSON ({str(exc)[:200]})", "invalid_request_error")
+        try:  # tokenizing a long prompt must not hold up the other requests' coroutines
+            completion = await asyncio.to_thread(parse_completion, body, engine.tokenizer)
         except BadRequest as exc:
             return fail(exc.status, exc.message, "invalid_request_error", exc.param)
         except UserError as exc:
@@ -111,22 +117,26 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
 
     async def whole(http: HttpRequest, request: Request, events: asyncio.Queue, responses: Responses) -> Response:
         pieces: list[str] = []
-        while True:
-            try:
-                event: Event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    request.cancel()
-                    return Response(status_code=499)
-                continue
-            if event.finish_reason is None:
-                pieces.append(event.text)
-                continue
-            if event.finish_reason == FINISH_ERROR:
-                return fail(500, f"generation failed: {event.error}", "server_error")
-            metrics.requests.labels("200").inc()
-            body = responses.whole("".join(pieces), event.finish_reason, event.prompt_tokens, event.completion_tokens)
-            return JSONResponse(body)
+        try:
+            while True:
+                try:
+                    event: Event = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return Response(status_code=499)
+                    continue
+                if event.finish_reason is None:
+                    pieces.append(event.text)
+                    continue
+                if event.finish_reason == FINISH_ERROR:
+                    return fail(500, f"generation failed: {event.error}", "server_error")
+                if event.finish_reason == FINISH_CANCELLED:  # the server is shutting down
+                    return fail(503, "the server shut down before the completion finished", "unavailable")
+                metrics.requests.labels("200").inc()
+                usage = (event.prompt_tokens, event.completion_tokens)
+                return JSONResponse(responses.whole("".join(pieces), event.finish_reason, *usage))
+        finally:
+            request.cancel()  # a no-op once finished; frees the row when this coroutine was cancelled
 
     async def stream(request: Request, events: asyncio.Queue, responses: Responses, completion: Completion):
         try:
@@ -138,6 +148,9 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
                     continue
                 if event.finish_reason == FINISH_ERROR:
                     yield f"data: {json.dumps(error_body(f'generation failed: {event.error}', 'server_error'))}\n\n"
+                elif event.finish_reason == FINISH_CANCELLED:
+                    body = error_body("the server shut down before the completion finished", "unavailable")
+                    yield f"data: {json.dumps(body)}\n\n"
                 else:
                     yield f"data: {json.dumps(responses.chunk('', event.finish_reason))}\n\n"
                     if completion.include_usage:

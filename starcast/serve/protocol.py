@@ -17,6 +17,7 @@ from starcast.runtime.text import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256  # characters: every token is checked against every stop string
 
 
 class BadRequest(Exception):
@@ -45,8 +46,12 @@ def number(body: dict, name: str, default: float, low: float, high: float, low_o
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a number", name)
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise BadRequest(f"{name} must be a finite number", name)
     if value < low or value > high or (low_open and value == low):
         side = "(" if low_open else "["
         raise BadRequest(f"{name} must be in {side}{low}, {high}], got {value}", name)
@@ -80,6 +85,8 @@ def prompt_ids(body: dict, tokenizer: Tokenizer) -> np.ndarray:
     elif isinstance(prompt, list) and all(type(t) is int for t in prompt):
         if suffix is not None:
             raise BadRequest("suffix needs the prompt as text", "suffix")
+        if any(not 0 <= t < 2**31 for t in prompt):
+            raise BadRequest("a token id is outside the vocabulary", "prompt")
         ids = prompt
     elif isinstance(prompt, list):
         raise BadRequest("only one prompt per request (a string or a list of token ids)", "prompt")
@@ -98,8 +105,8 @@ def stop_strings(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise BadRequest("stop must be a string or a list of strings", "stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise BadRequest(f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise BadRequest(f"stop takes at most {MAX_STOP_STRINGS} strings of {MAX_STOP_LENGTH} characters", "stop")
     return [s for s in stop if s]
 
 

@@ -50,15 +50,21 @@ class TritonPythonModel:
         self.engine = Engine.from_export(
             folder, max_batch=int(parameters["max_batch"]), max_queue=int(parameters["max_queue"]),
             provider="cuda" if on_gpu else "cpu", device_id=int(args["model_instance_device_id"]) if on_gpu else 0,
-        ).start()  # fmt: skip
+        )  # fmt: skip
+        if self.engine.tokenizer is None:
+            raise pb_utils.TritonModelException(f"{folder}: the export has no tokenizer.json")
+        self.engine.start()
 
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
             try:
                 self.engine.submit(self.engine_request(request, sender))
-            except (UserError, ValueError, TypeError, UnicodeDecodeError) as exc:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
+            except Exception as exc:  # this request's inputs; the next requests are still served
+                message = (
+                    str(exc) if isinstance(exc, (UserError, ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"
+                )
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
         return None
 
     def engine_request(self, request, sender) -> Request:

@@ -10,6 +10,7 @@ REPO_DIR/NAME is written atomically; other models in REPO_DIR are left alone.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import site
 import sysconfig
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from starcast.contract.errors import UserError
 from starcast.contract.manifest import read_manifest, verify_files
+from starcast.contract.paths import read_text_prefix
 from starcast.pipeline.folders import atomic_folder, check_output
 
 MODEL_SOURCE = Path(__file__).with_name("model.py")
@@ -61,7 +63,7 @@ def config_text(name: str, instances: int, max_batch: int, max_queue: int, provi
 def is_model_folder(folder: Path) -> bool:
     """A model folder `starcast triton-repo` wrote (which --overwrite may replace)."""
     model = folder / "1" / "model.py"
-    return model.is_file() and "starcast triton-repo" in model.read_text(errors="replace")[:2000]
+    return model.is_file() and "starcast triton-repo" in read_text_prefix(model, 2000)
 
 
 def site_packages() -> list[str]:
@@ -79,8 +81,8 @@ def write_repository(
     export_dir: Path, repo_dir: Path, name: str = "starcoder", instances: int = 1, max_batch: int = 8,
     max_queue: int = 64, provider: str = "cpu", link: bool = False, overwrite: bool = False,
 ) -> Path:  # fmt: skip
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"{name!r} is not a usable model name")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", name):
+        raise UserError(f"{name!r} is not a usable model name (letters, digits, '_', '.', '-')")
     for what, value in (("instances", instances), ("max batch", max_batch)):
         if value < 1:
             raise UserError(f"{what} must be >= 1")
