@@ -261,8 +261,10 @@ class Generator:
 def check_export_files(folder: Path, manifest: Manifest) -> None:
     """Cheap checks at load time (`starcast check` re-hashes everything): files present, config as recorded."""
     for name in manifest.files:
-        if not manifest.path(folder, name).is_file():
-            raise UserError(f"{folder}: {name} is missing (the export is incomplete)")
+        path = manifest.path(folder, name)
+        if not path.is_file():
+            what = "is not a regular file" if path.exists() else "is missing (the export is incomplete)"
+            raise UserError(f"{folder}: {name} {what}")
     config_path = manifest.path(folder, "config.json")
     if manifest.source != "optimum" and config_path.is_file():
         from starcast.contract.config import GPTBigCodeConfig
