@@ -12,7 +12,9 @@ Systems, each a real server process on 127.0.0.1, measured in the same run:
 Each of N clients sends `rounds` streaming requests one after another (a ~128-token prompt, `max_tokens`
 tokens, greedy). Reported per level: aggregate generated tokens/s (all tokens / wall time), time to first token
 p50/p95, per-token latency p50/p95 (between a request's first and last token). `starcast generate`'s own
-decode step (batch 1, same prompt length) is measured in the same run, for the single-client comparison.
+decode step (batch 1, same prompt length) is measured before and after each system, for the single-client
+comparison. Every request's prompt starts differently: llama.cpp's server would otherwise reuse the cached
+prompt of the previous request.
 """
 
 from __future__ import annotations
@@ -87,11 +89,16 @@ def one_request(port: int, path: str, body: dict, deadline: float) -> dict:
 
 
 def load_level(port: int, path: str, body: dict, clients: int, rounds: int, budget: float) -> dict:
+    """Every request's prompt starts differently, so that no server can reuse another request's prompt cache."""
     deadline = time.monotonic() + budget
+
+    def client(index: int) -> list[dict]:
+        return [one_request(port, path, {**body, "prompt": f"# request {index}.{r}\n{body['prompt']}"}, deadline)
+                for r in range(rounds)]  # fmt: skip
+
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: [one_request(port, path, body, deadline) for _ in range(rounds)],
-                                range(clients)))  # fmt: skip
+        results = list(pool.map(client, range(clients)))
     wall = time.perf_counter() - start
     flat = [r for client in results for r in client]
     ttft = sorted(r["ttft"] for r in flat if r["ttft"] is not None)
@@ -169,8 +176,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     folder, prompt = prepare(args.work, args.peers)
     max_length = 128 + args.max_tokens + 64
-    report = {"generate_decode_ms": generate_step_ms(folder, args.threads), "systems": {}}
-    print(f"starcast generate: {report['generate_decode_ms']:.2f} ms per decode step", flush=True)
+    report = {"generate_decode_ms": [generate_step_ms(folder, args.threads)], "systems": {}}
+    print(f"starcast generate: {report['generate_decode_ms'][0]:.2f} ms per decode step", flush=True)
     body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
     plan = systems(folder, args.peers, max_length, args.threads)
     if args.triton:
@@ -188,6 +195,7 @@ def main() -> None:
                                        for n in levels]  # fmt: skip
         for level in report["systems"][name]:
             print(name, json.dumps(level), flush=True)
+        report["generate_decode_ms"].append(generate_step_ms(folder, args.threads))  # the machine drifts: again
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
