@@ -3,36 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import save_hf_checkpoint
+from conftest import assert_one_line, save_hf_checkpoint, starcast
 from safetensors.torch import load_file, save_file
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def starcast(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "starcast", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 def assert_user_error(result, *words):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("starcast: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # stage lines may come before, nothing after
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in errors[0], errors[0]
+    assert assert_one_line(result, 2, *words).startswith("starcast: error:")
 
 
 @pytest.fixture

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from conftest import left_padded_batch, save_hf_checkpoint
+from conftest import left_padded_batch, save_hf_checkpoint, starcast
 from onnx import TensorProto, helper
 
 from starcast.contract.config import GPTBigCodeConfig
@@ -28,13 +25,6 @@ def exported(tmp_path_factory):
     folder, _ = save_hf_checkpoint(root / "ckpt")
     export(str(folder), root / "out", fuse_target="cuda")
     return root
-
-
-def starcast(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "starcast", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
-    )
 
 
 def test_plain_graph_is_trt_ready_and_fused_graph_is_not(exported):
