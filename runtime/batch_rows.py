@@ -30,21 +30,13 @@ import onnxruntime as ort
 from starcast.contract import interfaces as io
 from starcast.contract.config import GPTBigCodeConfig
 from starcast.runtime.cache import DeviceBuffer, check_fits_in_memory
+from starcast.runtime.steps import last_logits
 
 
 def bind_array(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = False) -> None:
     """Bind a host array by address (no copy)."""
     bind = binding.bind_output if output else binding.bind_input
     bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-
-
-def last_logits(logits: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
-    """[rows, vocab] from a graph's logits: [rows, 1, vocab] already, or every position's (the plain graph)."""
-    if logits.shape[1] == 1:
-        return logits[:, 0]
-    if lengths is None:
-        return logits[:, -1]
-    return logits[np.arange(logits.shape[0]), lengths - 1]
 
 
 class ConcatRows:

@@ -45,6 +45,11 @@ class SamplingOptions:
                 raise InvalidValue(f"{name} must be >= 0 (got {value})")
 
 
+def openai_style(temperature: float, **options) -> SamplingOptions:
+    """Options as OpenAI's API spells them: temperature 0 is greedy decoding, anything above samples."""
+    return SamplingOptions(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, **options)
+
+
 def apply_repetition_penalty(logits: np.ndarray, history: np.ndarray, penalty: float) -> np.ndarray:
     """CTRL's penalty as transformers applies it: seen tokens' positive logits / penalty, negative ones * penalty."""
     rows = np.arange(logits.shape[0])[:, None]

@@ -21,6 +21,16 @@ from starcast.contract.interfaces import positions_from_mask
 from starcast.runtime.cache import ConcatCache, DeviceBuffer, StaticCache
 
 
+def last_logits(logits: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """[rows, vocab] from a graph's logits: [rows, 1, vocab] already (the fused graphs' lm_head ran on each row's
+    last token only), or every position's (the plain graph: the last column, or each row's `lengths - 1`)."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    if lengths is None:
+        return logits[:, -1]
+    return logits[np.arange(logits.shape[0]), lengths - 1]
+
+
 class Steps:
     """What both drivers hold: the session, its IO binding, and the decode-logits buffer reused every step."""
 
@@ -145,10 +155,7 @@ class StaticCacheSteps(Steps):
         self.cache.bind(b)
         self.session.run_with_iobinding(b, self.prefill_options)
         self.lengths = lengths
-        logits = b.get_outputs()[0].numpy()
-        if logits.shape[1] == 1:  # the lm_head ran on each row's last real token only
-            return logits[:, 0]
-        return logits[np.arange(self.batch), lengths - 1]
+        return last_logits(b.get_outputs()[0].numpy(), lengths)
 
     def decode_one_token(self, next_ids: np.ndarray) -> np.ndarray:
         inputs = self.decode_inputs

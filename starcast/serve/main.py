@@ -15,7 +15,7 @@ from pathlib import Path
 
 from starcast import __version__
 from starcast.contract.builtin import PREFIX
-from starcast.contract.errors import UserError
+from starcast.contract.errors import MissingExtra, UserError
 from starcast.contract.manifest import read_manifest
 from starcast.runtime.export_folder import open_export
 from starcast.runtime.generator import check_export_files
@@ -40,8 +40,7 @@ def builtin_export(source: str, progress=None) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        raise UserError(f"serving {source} exports it once, which needs starcast's 'export' extra: "
-                        "pip install 'starcast[export]'")  # fmt: skip
+        raise MissingExtra(f"serving {source} (exported once, on first use)", "export", "torch")
     from starcast.pipeline.export import export
 
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from starcast.contract.errors import UserError
-from starcast.runtime.sampling import SamplingOptions
+from starcast.runtime.sampling import SamplingOptions, openai_style
 from starcast.runtime.text import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -142,9 +142,8 @@ def parse_completion(body: Any, tokenizer: Tokenizer) -> Completion:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("stream_options must be an object with a boolean include_usage", "stream_options")
-    sampling = SamplingOptions(
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else 1.0,
+    sampling = openai_style(
+        temperature,
         top_k=top_k,
         top_p=top_p,
         repetition_penalty=penalty,

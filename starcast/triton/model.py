@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from starcast.contract.errors import UserError  # noqa: E402
 from starcast.runtime.engine import Engine  # noqa: E402
 from starcast.runtime.requests import FINISH_ERROR, Event, Request  # noqa: E402
-from starcast.runtime.sampling import SamplingOptions  # noqa: E402
+from starcast.runtime.sampling import openai_style  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -78,12 +78,13 @@ class TritonPythonModel:
             ids = np.asarray(tokenizer.encode(text), np.int64)
         else:
             ids = ids.as_numpy().reshape(-1).astype(np.int64)
-        temperature = float(scalar(request, "temperature", 0.0))
-        sampling = SamplingOptions(
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-            top_p=float(scalar(request, "top_p", 1.0)), top_k=int(scalar(request, "top_k", 0)),
-            repetition_penalty=float(scalar(request, "repetition_penalty", 1.0)), seed=scalar(request, "seed", None),
-        )  # fmt: skip
+        sampling = openai_style(
+            float(scalar(request, "temperature", 0.0)),
+            top_p=float(scalar(request, "top_p", 1.0)),
+            top_k=int(scalar(request, "top_k", 0)),
+            repetition_penalty=float(scalar(request, "repetition_penalty", 1.0)),
+            seed=scalar(request, "seed", None),
+        )
         stop = strings(request, "stop") or []
 
         def on_event(event: Event) -> None:  # in the engine's thread
