@@ -242,3 +242,31 @@ def load_model(
 def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(module_name), attr, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+FLOAT_TAGS = ("F16", "BF16", "F32", "F64")
+
+
+def check_exportable(checkpoint: Checkpoint) -> None:
+    """Refuse before any work a checkpoint whose weights are not floating point (GPTQ, AWQ, bitsandbytes
+    exports store packed integers), from the safetensors headers alone; other files are checked tensor by
+    tensor as they are read."""
+    import json
+
+    for file in checkpoint.weight_files:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with file.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size)) if 0 < size < 100 << 20 else {}
+        except (OSError, ValueError):
+            continue  # the tensor reader says what is wrong with the file
+        for name, entry in header.items() if isinstance(header, dict) else ():
+            tag = entry.get("dtype") if isinstance(entry, dict) else None
+            if name == "__metadata__" or name.endswith(IGNORED_SUFFIXES) or tag is None or tag in FLOAT_TAGS:
+                continue
+            raise UserError(
+                f"{file}: tensor {name} is {tag}: starcast exports floating-point checkpoints (integer weights "
+                f"mean a quantized checkpoint, e.g. GPTQ or AWQ): export the original float weights"
+            )

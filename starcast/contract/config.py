@@ -137,6 +137,8 @@ PRESETS: dict[str, GPTBigCodeConfig] = {
     "santacoder": GPTBigCodeConfig(
         vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, activation_function="gelu_fast"
     ),
+    "starcoderbase-3b": GPTBigCodeConfig(vocab_size=49152, n_positions=8192, n_embd=2816, n_layer=36, n_head=22),
+    "starcoderbase-7b": GPTBigCodeConfig(vocab_size=49152, n_positions=8192, n_embd=4096, n_layer=42, n_head=32),
     "starcoder": GPTBigCodeConfig(vocab_size=49152, n_positions=8192, n_embd=6144, n_layer=40, n_head=48),
     "test": GPTBigCodeConfig(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
 }

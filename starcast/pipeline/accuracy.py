@@ -15,7 +15,7 @@ from starcast.contract.config import GPTBigCodeConfig
 from starcast.contract.dtypes import numpy_dtype
 from starcast.contract.errors import ParityError, UserError
 from starcast.contract.paths import read_text_prefix
-from starcast.runtime.session import SessionOptions, create_session
+from starcast.pipeline.proof import proof_session, session_form
 from starcast.runtime.steps import ConcatCacheSteps
 from starcast.runtime.text import Tokenizer
 
@@ -23,6 +23,11 @@ MIN_EVAL_TOKENS = 128
 MAX_EVAL_TOKENS = 65_536  # enough for a perplexity to 0.1%; a larger file is read only this far
 EVAL_TEXT_LIMIT = 1 << 20
 AGREEMENT_STEPS = 256
+# Graphs proven in the low-memory form (pipeline/proof.py: large models) run far slower on the CPU, an fp16 one
+# casting its weights at every run: their top-1 agreement is measured teacher-forced (both graphs score the same
+# tokens in one pass) and perplexity over fewer tokens; `agreement_form` and the counts say which ran.
+LOW_MEMORY_POSITIONS = 64  # teacher-forced: one pass of each graph instead of a step per greedy token
+LOW_MEMORY_EVAL_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class Accuracy:
     top1_agreement: float
     agreement_steps: int
     max_logit_difference: float
+    agreement_form: str = "greedy"  # or "teacher-forced" (large models)
 
     def summary(self) -> str:
         ppl = (
@@ -43,7 +49,7 @@ class Accuracy:
             else ""
         )
         return (
-            f"{ppl}top-1 agreement {self.top1_agreement:.2%} over {self.agreement_steps} greedy steps, "
+            f"{ppl}top-1 agreement {self.top1_agreement:.2%} over {self.agreement_steps} {self.agreement_form} steps, "
             f"max logit difference {self.max_logit_difference:.3f}"
         )
 
@@ -81,15 +87,27 @@ def measure(
     steps: int = AGREEMENT_STEPS,
 ) -> Accuracy:
     np_dtype = numpy_dtype(dtype)
-    sessions = [create_session(path, SessionOptions("cpu")) for path in (float_model, quantized_model)]
+    large = session_form(float_model, "cpu") == "low-memory"
+    if large:
+        eval_tokens = None if eval_tokens is None else eval_tokens[:LOW_MEMORY_EVAL_TOKENS]
+    sessions = [proof_session(path) for path in (float_model, quantized_model)]
     ppl: list[float | None] = [None, None]
     if eval_tokens is not None:
         for i, session in enumerate(sessions):
             nll, count = window_nll(session, config, eval_tokens, np_dtype)
             ppl[i] = math.exp(nll / count) if math.isfinite(nll) else float("inf")
+    if ppl[0] is not None and not all(p is not None and math.isfinite(p) for p in ppl):
+        raise ParityError(f"perplexity is not finite (float {ppl[0]}, quantized {ppl[1]})")
+    increase = ppl[1] / ppl[0] - 1 if ppl[0] is not None and ppl[1] is not None else None
+    count = int(len(eval_tokens)) if eval_tokens is not None else 0
+    length = LOW_MEMORY_POSITIONS if large else 32
     prompt = (
-        eval_tokens[:32] if eval_tokens is not None else np.random.default_rng(0).integers(0, config.vocab_size, 32)
-    )[None].astype(np.int64)
+        eval_tokens[:length] if eval_tokens is not None and len(eval_tokens) >= length
+        else np.random.default_rng(0).integers(0, config.vocab_size, length)
+    )[None].astype(np.int64)  # fmt: skip
+    if large:
+        agree, worst = teacher_forced(sessions, config, prompt, np_dtype)
+        return Accuracy(count, ppl[0], ppl[1], increase, agree, prompt.shape[1], worst, "teacher-forced")
     steps = min(steps, config.n_positions - prompt.shape[1] - 1)
     reference, quantized = (
         ConcatCacheSteps(s, config, 1, prompt.shape[1] + steps + 1, np_dtype, "cpu") for s in sessions
@@ -104,11 +122,23 @@ def measure(
         agree += int(ours.argmax(-1)[0] == token[0])
         worst = max(worst, float(np.abs(expected.astype(np.float64) - ours).max()))
         expected, ours = reference.decode_one_token(token), quantized.decode_one_token(token)
-    if ppl[0] is not None and not all(p is not None and math.isfinite(p) for p in ppl):
-        raise ParityError(f"perplexity is not finite (float {ppl[0]}, quantized {ppl[1]})")
-    increase = ppl[1] / ppl[0] - 1 if ppl[0] is not None and ppl[1] is not None else None
-    count = int(len(eval_tokens)) if eval_tokens is not None else 0
     return Accuracy(count, ppl[0], ppl[1], increase, agree / steps, steps, worst)
+
+
+def teacher_forced(sessions, config: GPTBigCodeConfig, prompt: np.ndarray, dtype) -> tuple[float, float]:
+    """Top-1 agreement and the largest logit difference of two graphs scoring the same tokens in one pass."""
+    feeds = {
+        io.INPUT_IDS: prompt,
+        io.ATTENTION_MASK: np.ones_like(prompt),
+        io.POSITION_IDS: np.arange(prompt.shape[1], dtype=np.int64)[None],
+    }
+    for name, _ in io.merged_cache_names(config.n_layer):
+        feeds[name] = np.zeros(config.cache_shape(1, 0), dtype)
+    expected, ours = (session.run([io.LOGITS], feeds)[0][0].astype(np.float64) for session in sessions)
+    if not (np.isfinite(expected).all() and np.isfinite(ours).all()):
+        raise ParityError("the quantized or the float graph produced NaN or infinite logits")
+    agree = float((expected.argmax(-1) == ours.argmax(-1)).mean())
+    return agree, float(np.abs(expected - ours).max())
 
 
 def eval_tokens_for(folder: Path, source: str, eval_text: Path | None) -> np.ndarray | None:

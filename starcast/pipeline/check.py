@@ -3,8 +3,10 @@
 1. every file against its sha256 (a manifest that lists no files is refused);
 2. the tokenizer and generation config load, every graph is ONNX with its weights inside the folder;
 3. the fused graph (the one `generate` runs by default) against the plain graph, greedily side by side;
-4. the plain graph (quantized or not) against the PyTorch reference of the source checkpoint: built-in sources
-   are found by name; any other needs `--source CKPT` (a path recorded in a folder is not followed).
+4. the plain graph against the PyTorch reference of the source checkpoint: built-in sources are found by name;
+   any other needs `--source CKPT` (a path recorded in a folder is not followed). A quantized plain graph is
+   proven instead against the logits it gave when it was made (recorded in the export), tightly: its float
+   graph, the one the reference proof was about, is gone.
 Steps 1-3 need only the runtime; step 4 needs the export extra (PyTorch).
 """
 
@@ -17,6 +19,7 @@ from starcast.contract.builtin import PREFIX
 from starcast.contract.errors import MissingExtra, ParityError, UserError
 from starcast.contract.graph_files import check_graph_file
 from starcast.contract.manifest import read_manifest, verify_files
+from starcast.contract.paths import confine
 from starcast.pipeline.progress import QUIET, Progress
 from starcast.pipeline.proof import prove_fused
 from starcast.runtime.export_folder import read_eos
@@ -36,7 +39,12 @@ def check_export(
     report = CheckReport()
     with progress.stage("files", f"sha256 of {len(manifest.files)} files against starcast.json"):
         verify_files(folder, manifest)
-        Tokenizer.from_export(folder)
+        tokenizer, vocab = Tokenizer.from_export(folder), manifest.config.vocab_size
+        if tokenizer is not None and tokenizer.largest_id() >= vocab:
+            raise UserError(
+                f"{folder}: tokenizer.json has ids up to {tokenizer.largest_id()}, beyond the model's vocabulary "
+                f"(0..{vocab - 1}): it is not this model's tokenizer"
+            )
         read_eos(folder, manifest.config)
         for graph in manifest.graphs:
             check_graph_file(manifest.path(folder, graph.model))
@@ -49,13 +57,16 @@ def check_export(
         report.lines.append(
             f"fused parity ok: {proof.measured['max_error']:.2e} ({proof.kind}, tolerance {proof.tolerance:.1e})"
         )
+    if manifest.quantization is not None:
+        return check_quantized(folder, manifest, report, progress, asked=source is not None)
     asked = source is not None
     source = source or (manifest.source if manifest.source.startswith(PREFIX) else None)
     if source is None:
         report.lines.append("reference parity not re-run: pass --source CKPT (the checkpoint this was exported from)")
         return report
     try:
-        from starcast.exporter.checkpoint import TORCH_DTYPES, load_model, open_checkpoint
+        from starcast.exporter.checkpoint import TORCH_DTYPES, open_checkpoint
+        from starcast.exporter.reference import StreamedReference
     except ImportError:
         if asked:
             raise MissingExtra("re-proving against the PyTorch reference", "export", "torch") from None
@@ -64,8 +75,7 @@ def check_export(
     from starcast.pipeline.proof import reference_parity
 
     checkpoint = open_checkpoint(source)
-    with progress.stage("load", str(checkpoint.folder)):
-        model = load_model(checkpoint, TORCH_DTYPES[manifest.dtype])
+    model = StreamedReference(checkpoint, TORCH_DTYPES[manifest.dtype])
     if model.config != manifest.config:
         raise UserError(f"{source} is not the checkpoint this export was made from (its config differs)")
     with progress.stage("verify", "ONNX Runtime CPU vs PyTorch reference"):
@@ -76,4 +86,32 @@ def check_export(
     if not result.passed:
         raise ParityError(result.summary())
     report.lines.append(result.summary())
+    return report
+
+
+def check_quantized(folder: Path, manifest, report: CheckReport, progress: Progress, asked: bool) -> CheckReport:
+    import numpy as np
+
+    from starcast.pipeline.proof import RECORDED_LOGITS, recorded_parity
+
+    name = manifest.quantization.get("recorded_logits")
+    if name != RECORDED_LOGITS or name not in manifest.files:
+        raise UserError(f"{folder}: a quantized export without its recorded logits cannot be re-proven: re-export it")
+    try:
+        recorded = np.load(confine(folder, name, str(folder)), allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder}: {name} is not a numpy array file ({exc})") from None
+    with progress.stage("verify", f"{manifest.plain.model} against its recorded logits, ONNX Runtime CPU"):
+        proof = recorded_parity(manifest.path(folder, manifest.plain.model), manifest.config, manifest.dtype, recorded)
+    line = f"recorded-logits parity: {proof.measured['max_error']:.2e} ({proof.kind}, tolerance {proof.tolerance:.0e})"
+    if not proof.passed:
+        raise ParityError(f"FAILED {line}: the quantized graph does not compute what it computed when it was made")
+    report.lines.append(f"{line} ok")
+    measured = manifest.plain.parity.measured
+    errors = [measured.get(key, float("nan")) for key in ("prompt_error", "decode_error")]
+    why = ": the float graph is not in the export" if asked else ""
+    report.lines.append(
+        f"reference parity of the float graph before quantization (recorded, not re-run{why}): "
+        f"prompt {errors[0]:.2e}, decode {errors[1]:.2e}"
+    )
     return report

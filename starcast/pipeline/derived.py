@@ -8,6 +8,8 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from starcast.contract import interfaces as io
 from starcast.contract.errors import ParityError, UserError
 from starcast.contract.graph_files import FUSED_MODEL, io_signature, load_header, weights_file
@@ -17,10 +19,17 @@ from starcast.graphs.fuse import fuse_file
 from starcast.graphs.quantize import DYNAMIC, check_options, quantize_graph, settings
 from starcast.pipeline.accuracy import eval_tokens_for, measure
 from starcast.pipeline.progress import QUIET, Progress
-from starcast.pipeline.proof import TOLERANCES, graph_parity, parity_inputs, prove_fused
+from starcast.pipeline.proof import (
+    RECORDED_LOGITS,
+    TOLERANCES,
+    graph_parity,
+    parity_inputs,
+    prove_fused,
+    recorded_logits,
+)
 
 FLOAT_DIR = ".float"  # inside the folder being built: the unquantized graphs, until their accuracy is measured
-# How far a quantized graph may be from the reference, beyond the float graph's own tolerance: its measured
+# How far the quantized fused graph may be from the quantized plain graph: the quantization's own measured
 # distance from the float graph, with room for another CPU's rounding.
 QUANTIZED_MARGIN = 1.5
 
@@ -97,11 +106,14 @@ def add_quantization(
         progress.say(accuracy.summary())
     finally:
         shutil.rmtree(floats, ignore_errors=True)
+    # The float graph's proof against the reference stays; the quantized graph is proven from now on against the
+    # logits it gives now (`starcast check`), which a changed graph cannot match.
     float_proof = manifest.plain.parity
     manifest.plain.parity = Proof(
-        kind, float_proof.tolerance + QUANTIZED_MARGIN * distance, True,
-        {"quantized_vs_float": distance, "float_tolerance": float_proof.tolerance, "float": float_proof.measured},
+        float_proof.kind, float_proof.tolerance, float_proof.passed,
+        {**float_proof.measured, "graph": "float, before quantization", "quantized_vs_float": distance},
     )  # fmt: skip
+    np.save(folder / RECORDED_LOGITS, recorded_logits(plain_quantized, config, dtype))
     if manifest.fused is not None:
         # MatMulNBits quantizes its activations (accuracy_level 4): two graphs whose activations differ by float
         # rounding can differ by a quantization step. The fused graph must stay within the quantization's own
@@ -117,4 +129,5 @@ def add_quantization(
         **settings(quantization),
         "graphs": counts,
         "accuracy": vars(accuracy),
+        "recorded_logits": RECORDED_LOGITS,
     }

@@ -26,16 +26,18 @@ class Progress:
         self.timings[name] = round(elapsed, 3)
         self.say(f"[{name}] done in {elapsed:.1f} s")
 
-    def bar(self, label: str) -> Callable[[int, int], None]:
-        """A callback `(done, total)` that draws a progress bar on stderr (only when stderr is a terminal)."""
+    def bar(self, label: str, gigabytes: bool = False) -> Callable[[int, int], None]:
+        """A callback `(done, total)` that draws a progress bar on stderr (only when stderr is a terminal);
+        `gigabytes`: done and total are bytes."""
         if not (self.enabled and sys.stderr.isatty()):
             return lambda count, total: None
 
         def tick(count: int, total: int) -> None:
             filled = 30 * count // max(total, 1)
             end = "\n" if count >= total else ""
+            amount = f"{count / 1e9:.2f}/{total / 1e9:.2f} GB" if gigabytes else f"{count}/{total}"
             print(
-                f"\r[{label}] [{'#' * filled}{'.' * (30 - filled)}] {count}/{total}",
+                f"\r[{label}] [{'#' * filled}{'.' * (30 - filled)}] {amount}",
                 end=end,
                 file=sys.stderr,
                 flush=True,

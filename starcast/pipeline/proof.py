@@ -21,12 +21,30 @@ from starcast.contract import interfaces as io
 from starcast.contract.config import GPTBigCodeConfig
 from starcast.contract.dtypes import numpy_dtype
 from starcast.contract.errors import ParityError
+from starcast.contract.graph_files import external_data_files, load_header
 from starcast.contract.manifest import GraphRecord, Manifest, Proof
 from starcast.runtime.session import SessionOptions, create_session, device_of
 from starcast.runtime.steps import make_steps
 
 TOLERANCES = {"fp32": ("abs", 1e-4), "fp16": ("rel", 2e-2)}
 GREEDY_STEPS = 8
+# Above this many bytes of weights, graphs are proven on the CPU in ONNX Runtime's low-memory form (the graph as
+# written, weights read from the mapped file: runtime/session.py), so that a proof's memory does not grow with the
+# model; the form that ran is recorded with the proof.
+LOW_MEMORY_ABOVE = 32 << 20
+
+
+def session_form(path: Path, provider: str) -> str:
+    if provider != "cpu":
+        return "default"
+    weights = sum(file.stat().st_size for file in external_data_files(load_header(path), path))
+    return "low-memory" if weights + path.stat().st_size > LOW_MEMORY_ABOVE else "default"
+
+
+def proof_session(path: Path, provider: str = "cpu", device_id: int = 0):
+    """A session for proving the graph at `path`, in the form `session_form` picks."""
+    low_memory = session_form(path, provider) == "low-memory"
+    return create_session(path, SessionOptions(provider, device_id=device_id, low_memory=low_memory))
 
 
 def error(kind: str, ours: np.ndarray, reference: np.ndarray, valid: np.ndarray | None = None) -> float:
@@ -58,6 +76,7 @@ class ParityReport:
     tolerance: float
     prompt_error: float
     decode_error: float
+    form: str = "default"
 
     @property
     def passed(self) -> bool:
@@ -65,7 +84,8 @@ class ParityReport:
         return bool(np.isfinite(worst)) and worst <= self.tolerance
 
     def proof(self) -> Proof:
-        measured = {"dtype": self.dtype, "prompt_error": self.prompt_error, "decode_error": self.decode_error}
+        measured = {"dtype": self.dtype, "prompt_error": self.prompt_error, "decode_error": self.decode_error,
+                    "session": self.form, "reference": "streamed"}  # fmt: skip
         return Proof(self.kind, self.tolerance, self.passed, measured)
 
     def summary(self) -> str:
@@ -88,13 +108,15 @@ class GreedyReport:
     max_error: float
     steps: int
     same_tokens: bool
+    form: str = "default"
 
     @property
     def passed(self) -> bool:
         return self.same_tokens and bool(np.isfinite(self.max_error)) and self.max_error <= self.tolerance
 
     def proof(self) -> Proof:
-        measured = {"max_error": self.max_error, "steps": self.steps, "same_tokens": self.same_tokens}
+        measured = {"max_error": self.max_error, "steps": self.steps, "same_tokens": self.same_tokens,
+                    "session": self.form}  # fmt: skip
         return Proof(self.kind, self.tolerance, self.passed, measured)
 
     def summary(self) -> str:
@@ -129,7 +151,7 @@ def reference_parity(
     default_kind, default_tolerance = TOLERANCES[dtype]
     kind, tolerance = kind or default_kind, tolerance or default_tolerance
     cfg = model.config
-    session = create_session(graph, SessionOptions(provider))
+    session = proof_session(graph, provider)
     feeds = parity_inputs(cfg.vocab_size)
     batch = feeds[io.INPUT_IDS].shape[0]
     empty = [np.zeros(cfg.cache_shape(batch, 0), numpy_dtype(dtype)) for _ in range(cfg.n_layer)]
@@ -148,7 +170,23 @@ def reference_parity(
         ref_step = model(*(torch.from_numpy(step[n]) for n in order), *ref[1:])
     ours_step, _ = run_plain_graph(session, cfg, step, presents)
     decode_error = error(kind, ours_step, ref_step[0].float().numpy())
-    return ParityReport(dtype, kind, tolerance, prompt_error, decode_error)
+    return ParityReport(dtype, kind, tolerance, prompt_error, decode_error, session_form(graph, provider))
+
+
+def two_steps(
+    session, config: GPTBigCodeConfig, dtype: str, feeds: dict[str, np.ndarray], next_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A concat-cache graph's logits on a prompt step and one decode step, with `next_ids` (default: its own
+    greedy tokens)."""
+    batch = feeds[io.INPUT_IDS].shape[0]
+    empty = [np.zeros(config.cache_shape(batch, 0), numpy_dtype(dtype)) for _ in range(config.n_layer)]
+    prompt, past = run_plain_graph(session, config, feeds, empty)
+    if next_ids is None:
+        next_ids = prompt[:, -1].argmax(-1)[:, None].astype(np.int64)
+    mask = np.concatenate([feeds[io.ATTENTION_MASK], np.ones((batch, 1), np.int64)], axis=1)
+    step = {io.INPUT_IDS: next_ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: io.positions_from_mask(mask)[:, -1:]}
+    decode, _ = run_plain_graph(session, config, step, past)
+    return prompt, decode
 
 
 def graph_parity(
@@ -156,17 +194,34 @@ def graph_parity(
 ) -> float:
     """A concat-cache `candidate` against a concat-cache `reference` graph on one prompt and one decode step
     (the quantized graph against the float one, on `reference_parity`'s inputs)."""
-    sessions = [create_session(path, SessionOptions("cpu")) for path in (reference, candidate)]
-    batch = feeds[io.INPUT_IDS].shape[0]
-    empty = [np.zeros(config.cache_shape(batch, 0), numpy_dtype(dtype)) for _ in range(config.n_layer)]
-    (expected, past_e), (ours, past_o) = (run_plain_graph(s, config, feeds, empty) for s in sessions)
-    worst = error(kind, ours, expected, feeds[io.ATTENTION_MASK].astype(bool))
+    expected, expected_step = two_steps(proof_session(reference), config, dtype, feeds)
     next_ids = expected[:, -1].argmax(-1)[:, None].astype(np.int64)
-    mask = np.concatenate([feeds[io.ATTENTION_MASK], np.ones((batch, 1), np.int64)], axis=1)
-    step = {io.INPUT_IDS: next_ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: io.positions_from_mask(mask)[:, -1:]}
-    expected, _ = run_plain_graph(sessions[0], config, step, past_e)
-    ours, _ = run_plain_graph(sessions[1], config, step, past_o)
-    return max(worst, error(kind, ours, expected))
+    ours, ours_step = two_steps(proof_session(candidate), config, dtype, feeds, next_ids)
+    worst = error(kind, ours, expected, feeds[io.ATTENTION_MASK].astype(bool))
+    return max(worst, error(kind, ours_step, expected_step))
+
+
+# A quantized graph is re-proven against the logits it gave when it was made, on the same inputs: its own
+# kernels on another CPU may round differently, a changed or corrupted graph does not stay this close.
+RECORDED_TOLERANCE = ("rel", 1e-3)
+RECORDED_LOGITS = "quantized_logits.npy"  # in the export folder, hashed with its other files
+
+
+def recorded_logits(graph: Path, config: GPTBigCodeConfig, dtype: str) -> np.ndarray:
+    """The graph's logits on `parity_inputs`: every real prompt position, then the decode step, (n, vocab)."""
+    feeds = parity_inputs(config.vocab_size)
+    prompt, decode = two_steps(proof_session(graph), config, dtype, feeds)
+    valid = feeds[io.ATTENTION_MASK].astype(bool)
+    return np.concatenate([prompt[valid], decode[:, -1]]).astype(np.float32)
+
+
+def recorded_parity(graph: Path, config: GPTBigCodeConfig, dtype: str, recorded: np.ndarray) -> Proof:
+    """The graph now against its `recorded_logits`; a shape that differs is a failure."""
+    kind, tolerance = RECORDED_TOLERANCE
+    ours = recorded_logits(graph, config, dtype)
+    worst = error(kind, ours, recorded) if ours.shape == recorded.shape else float("inf")
+    passed = bool(np.isfinite(worst)) and worst <= tolerance
+    return Proof(kind, tolerance, passed, {"against": "recorded logits", "max_error": worst})
 
 
 def greedy_side_by_side(
@@ -180,20 +235,20 @@ def greedy_side_by_side(
     kind: str | None = None,
     tolerance: float | None = None,
     provider: str = "cpu",
+    pad_to: int | None = None,
+    device_id: int = 0,
 ) -> GreedyReport:
     """Greedy decoding through two graphs (path, interface) side by side on ONNX Runtime (`provider`), from a
     left-padded batch of prompts of `lengths`; tokens come from the reference."""
     default_kind, default_tolerance = TOLERANCES[dtype]
     kind, tolerance = kind or default_kind, tolerance or default_tolerance
     rng = np.random.default_rng(1)
-    width = max(lengths)
+    width = max(pad_to or 0, *lengths)  # pad_to > every length: every row padded, the prompt step's hardest case
     ids = rng.integers(1, config.vocab_size, size=(len(lengths), width), dtype=np.int64)
     mask = (np.arange(width)[None, :] >= width - np.array(lengths)[:, None]).astype(np.int64)
     length, np_dtype, device = width + steps + 1, numpy_dtype(dtype), device_of(provider)
     drivers = [
-        make_steps(
-            create_session(path, SessionOptions(provider)), interface, config, len(lengths), length, np_dtype, device
-        )
+        make_steps(proof_session(path, provider, device_id), interface, config, len(lengths), length, np_dtype, device)
         for path, interface in (reference, candidate)
     ]
     expected, ours = (driver.prefill(ids, mask) for driver in drivers)
@@ -204,7 +259,8 @@ def greedy_side_by_side(
         same = same and not real_disagreement(expected, ours.argmax(-1), kind, tolerance)
         if step < steps:
             expected, ours = (driver.decode_one_token(tokens) for driver in drivers)
-    return GreedyReport(what, kind, tolerance, worst, steps, same)
+    form = session_form(candidate[0], provider)
+    return GreedyReport(what, kind, tolerance, worst, steps, same, form)
 
 
 def real_disagreement(expected: np.ndarray, chosen: np.ndarray, kind: str, tolerance: float) -> bool:
