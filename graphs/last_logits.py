@@ -5,9 +5,11 @@ perplexity can be measured) runs the lm_head — a quarter of a tiny_starcoder t
 token and returns [batch, prompt, vocab]. The fused graphs run it on each row's last token, and `logits` is
 [batch, 1, vocab]:
   cpu (concat-cache)   rows are left-padded: the last position of every row.
-  cuda (static-cache)  rows are right-padded: the token whose position id equals seqlens_k (a prompt row's last
-                       real token, or a decode step's one token). Found without Shape ops, which would run on
-                       the CPU and break CUDA graph capture.
+  cuda (static-cache)  rows are right-padded, and a row's tokens have consecutive positions from its first
+                       token's: the last real token is at index seqlens_k - position_ids[:, 0] (a prompt row's
+                       length - 1, or 0 for a decode step's one token). Computed from positions, so padded
+                       positions (whatever their position ids) cannot be picked, and no op's tie order (ArgMax)
+                       matters; no Shape ops either, which would run on the CPU and break CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ def last_position(op, hidden, _inputs):
 
 
 def last_real_token(op, hidden, inputs):
-    """[batch, sequence, d] -> [batch, d]: per row, the first token whose position id equals seqlens_k."""
-    seqlens = op.Unsqueeze(op.Cast(inputs[io.SEQLENS_K], to=ir.DataType.INT64), op.Constant(value_ints=[1]))
-    is_last = op.Cast(op.Equal(inputs[io.POSITION_IDS], seqlens), to=ir.DataType.FLOAT)  # [batch, sequence]
-    index = op.Unsqueeze(op.ArgMax(is_last, axis=1, keepdims=1), op.Constant(value_ints=[2]))  # [batch, 1, 1]
+    """[batch, sequence, d] -> [batch, d]: per row, the token at index seqlens_k - (its first position id)."""
+    seqlens = op.Cast(inputs[io.SEQLENS_K], to=ir.DataType.INT64)  # [batch]
+    first = op.Gather(inputs[io.POSITION_IDS], op.Constant(value_int=0), axis=1)  # [batch]
+    index = op.Unsqueeze(op.Sub(seqlens, first), op.Constant(value_ints=[1, 2]))  # [batch, 1, 1]
     index = op.Expand(index, op.Constant(value_ints=[1, 1, inputs["n_embd"]]))  # [batch, 1, d]
     return op.Squeeze(op.GatherElements(hidden, index, axis=1), op.Constant(value_ints=[1]))
 

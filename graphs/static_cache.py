@@ -2,7 +2,10 @@
 
   inputs   input_ids int64 [batch, sequence]            position_ids int64 [batch, sequence]
            seqlens_k int32 [batch]                      per row: tokens in the cache after this step, minus 1
-           total_sequence_length int32 []               max over rows of (seqlens_k + 1)
+           total_sequence_length int32 []               prompt step: the sequence length (the padded prompt
+                                                        width, even when every row is shorter); decode step:
+                                                        max_sequence_length, the buffers' length (fixed, for
+                                                        CUDA graphs). Each row's own length is seqlens_k + 1.
            past_key_values.{i}.key / .value  [batch, kv_heads, max_sequence_length, head_dim]
   outputs  logits [batch, sequence, vocab]
            present.{i}.key / .value  same shape, bound to the same memory as the past buffers

@@ -29,14 +29,14 @@ import onnxruntime as ort
 
 from starcast.contract import interfaces as io
 from starcast.contract.config import GPTBigCodeConfig
-from starcast.runtime.cache import DeviceBuffer, check_fits_in_memory
+from starcast.runtime.cache import HOST, Device, DeviceBuffer, check_fits_in_memory
+from starcast.runtime.session import device_id_of
 from starcast.runtime.steps import last_logits
 
 
 def bind_array(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = False) -> None:
     """Bind a host array by address (no copy)."""
-    bind = binding.bind_output if output else binding.bind_input
-    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    HOST.bind(binding, name, array.dtype, array.shape, array.ctypes.data, output)
 
 
 class ConcatRows:
@@ -70,7 +70,7 @@ class ConcatRows:
         bind_array(binding, io.INPUT_IDS, np.ascontiguousarray(ids, np.int64))
         bind_array(binding, io.ATTENTION_MASK, np.ascontiguousarray(mask, np.int64))
         bind_array(binding, io.POSITION_IDS, np.ascontiguousarray(positions, np.int64))
-        binding.bind_output(io.LOGITS, "cpu")
+        HOST.bind_new_output(binding, io.LOGITS)
         for (past_name, present_name), past_view, present_view in zip(
             io.merged_cache_names(self.config.n_layer), past, present, strict=True
         ):
@@ -156,15 +156,21 @@ class ConcatRows:
 
 
 class SlotRows:
-    """Rows of a static-cache graph: one slot per row in the key/value buffers, written in place."""
+    """Rows of a static-cache graph: one slot per row in the key/value buffers, written in place, on the session's
+    GPU (`device_id`, by default read from the session)."""
 
-    def __init__(self, session, config: GPTBigCodeConfig, max_batch: int, max_length: int, dtype, device: str):
+    def __init__(
+        self, session, config: GPTBigCodeConfig, max_batch: int, max_length: int, dtype, device: str,
+        device_id: int | None = None,
+    ):  # fmt: skip
         self.session, self.config, self.device = session, config, device
+        self.place = Device(device, device_id_of(session) if device_id is None else device_id)
         self.max_batch, self.max_length, self.dtype = max_batch, max_length, np.dtype(dtype)
         self.slot_shape = (config.kv_heads, max_length, config.head_dim)
         self.cache = DeviceBuffer(
-            2 * config.n_layer, max_batch * prod(self.slot_shape), self.dtype, device, "the batch's KV cache"
-        )
+            2 * config.n_layer, max_batch * prod(self.slot_shape), self.dtype, device, "the batch's KV cache",
+            self.place.id,
+        )  # fmt: skip
         self.lengths = np.zeros(max_batch, np.int64)  # tokens in each slot's cache
         self.live = np.zeros(max_batch, bool)
 
@@ -183,8 +189,8 @@ class SlotRows:
         offset = first * prod(self.slot_shape) * self.dtype.itemsize
         for part, (past, present) in enumerate(io.split_cache_names(self.config.n_layer)):
             address = self.cache.address(part) + offset
-            binding.bind_input(past, self.device, 0, self.dtype, shape, address)
-            binding.bind_output(present, self.device, 0, self.dtype, shape, address)
+            self.place.bind(binding, past, self.dtype, shape, address)
+            self.place.bind(binding, present, self.dtype, shape, address, output=True)
 
     def step(self, ids: np.ndarray, positions: np.ndarray, seqlens: np.ndarray, total: int, first: int):
         binding = self.session.io_binding()
@@ -192,7 +198,7 @@ class SlotRows:
         binding.bind_cpu_input(io.POSITION_IDS, np.ascontiguousarray(positions, np.int64))
         binding.bind_cpu_input(io.SEQLENS_K, seqlens.astype(np.int32))
         binding.bind_cpu_input(io.TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
-        binding.bind_output(io.LOGITS, self.device)
+        self.place.bind_new_output(binding, io.LOGITS)
         self.bind_cache(binding, first, ids.shape[0])
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()

@@ -18,7 +18,8 @@ from starcast.contract import interfaces as io
 from starcast.contract.config import GPTBigCodeConfig
 from starcast.contract.errors import UserError
 from starcast.contract.interfaces import positions_from_mask
-from starcast.runtime.cache import ConcatCache, DeviceBuffer, StaticCache
+from starcast.runtime.cache import ConcatCache, Device, DeviceBuffer, StaticCache
+from starcast.runtime.session import device_id_of
 
 
 def last_logits(logits: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
@@ -32,14 +33,18 @@ def last_logits(logits: np.ndarray, lengths: np.ndarray | None = None) -> np.nda
 
 
 class Steps:
-    """What both drivers hold: the session, its IO binding, and the decode-logits buffer reused every step."""
+    """What both drivers hold: the session, its IO binding, and the decode-logits buffer reused every step. Every
+    buffer and binding names the session's GPU (`device_id`, by default read from the session)."""
 
     def __init__(
-        self, session: ort.InferenceSession, config: GPTBigCodeConfig, batch: int, dtype: np.dtype, device: str
-    ):
+        self, session: ort.InferenceSession, config: GPTBigCodeConfig, batch: int, dtype: np.dtype, device: str,
+        device_id: int | None = None,
+    ):  # fmt: skip
         self.session, self.config, self.batch, self.device = session, config, batch, device
+        self.device_id = device_id_of(session) if device_id is None else device_id
+        self.place = Device(device, self.device_id)
         self.binding = session.io_binding()
-        self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device, "the logits")
+        self.logits = DeviceBuffer(1, batch * config.vocab_size, dtype, device, "the logits", self.device_id)
 
 
 class ConcatCacheSteps(Steps):
@@ -51,19 +56,20 @@ class ConcatCacheSteps(Steps):
         max_length: int,
         dtype: np.dtype,
         device: str,
+        device_id: int | None = None,
     ):
-        super().__init__(session, config, batch, dtype, device)
+        super().__init__(session, config, batch, dtype, device, device_id)
         inputs = {value.name for value in session.get_inputs()}
         if io.past_key_value(0) in inputs:
             self.cache = ConcatCache.merged(
-                config.n_layer, lambda n: config.cache_shape(batch, n), max_length, dtype, device
+                config.n_layer, lambda n: config.cache_shape(batch, n), max_length, dtype, device, self.device_id
             )
         else:  # optimum's layout: separate key and value, [batch, kv_heads, past, head_dim]
 
             def split_shape(length: int) -> tuple[int, ...]:
                 return (batch, config.kv_heads, length, config.head_dim)
 
-            self.cache = ConcatCache.split(config.n_layer, split_shape, max_length, dtype, device)
+            self.cache = ConcatCache.split(config.n_layer, split_shape, max_length, dtype, device, self.device_id)
         self.takes_positions = io.POSITION_IDS in inputs
         self.mask = np.zeros((batch, 0), np.int64)
         self.positions = np.zeros(batch, np.int64)
@@ -92,7 +98,7 @@ class ConcatCacheSteps(Steps):
             b.bind_cpu_input(io.POSITION_IDS, positions)
         # logits first: get_outputs() lists outputs in the order they were bound
         if prompt:
-            b.bind_output(io.LOGITS, self.device)  # [batch, prompt or 1, vocab]: allocated once per generate()
+            self.place.bind_new_output(b, io.LOGITS)  # [batch, prompt or 1, vocab]: allocated once per generate()
         else:
             self.logits.bind_output(b, io.LOGITS, 0, (self.batch, 1, self.config.vocab_size))
         self.cache.bind(b, ids.shape[1])
@@ -116,18 +122,19 @@ class StaticCacheSteps(Steps):
         dtype: np.dtype,
         device: str,
         cuda_graph: bool = False,
+        device_id: int | None = None,
     ):
-        super().__init__(session, config, batch, dtype, device)
+        super().__init__(session, config, batch, dtype, device, device_id)
         shape = (batch, config.kv_heads, max_length, config.head_dim)
-        self.cache = StaticCache(config.n_layer, shape, dtype, device)
+        self.cache = StaticCache(config.n_layer, shape, dtype, device, self.device_id)
         self.lengths = np.zeros(batch, np.int64)  # tokens in the cache, per row
         self.decode_binding: ort.IOBinding | None = None
         self.decode_inputs = {
-            io.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
-            io.POSITION_IDS: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), device, 0),
-            io.SEQLENS_K: ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int32), device, 0),
+            io.INPUT_IDS: self.place.value(np.zeros((batch, 1), np.int64)),
+            io.POSITION_IDS: self.place.value(np.zeros((batch, 1), np.int64)),
+            io.SEQLENS_K: self.place.value(np.zeros(batch, np.int32)),
             # on the host: GroupQueryAttention reads it on the CPU (OrtMemTypeCPUInput)
-            io.TOTAL_SEQUENCE_LENGTH: ort.OrtValue.ortvalue_from_numpy(np.array(max_length, np.int32)),
+            io.TOTAL_SEQUENCE_LENGTH: Device("cpu", 0).value(np.array(max_length, np.int32)),
         }
         self.prefill_options, self.decode_options = ort.RunOptions(), ort.RunOptions()
         if cuda_graph:
@@ -151,7 +158,7 @@ class StaticCacheSteps(Steps):
         # The prompt step is recognised by total_sequence_length == sequence length: the padded width, even when
         # every row is shorter (each row's own length comes from seqlens_k).
         b.bind_cpu_input(io.TOTAL_SEQUENCE_LENGTH, np.array(width, np.int32))
-        b.bind_output(io.LOGITS, self.device)  # first: get_outputs() lists outputs in the order they were bound
+        self.place.bind_new_output(b, io.LOGITS)  # first: get_outputs() lists outputs in the order they were bound
         self.cache.bind(b)
         self.session.run_with_iobinding(b, self.prefill_options)
         self.lengths = lengths
@@ -209,9 +216,11 @@ def make_steps(
     dtype: np.dtype,
     device: str,
     cuda_graph: bool = False,
+    device_id: int | None = None,
 ) -> ConcatCacheSteps | StaticCacheSteps:
-    """The driver for a graph of `interface` (concat-cache, split-cache or static-cache)."""
+    """The driver for a graph of `interface` (concat-cache, split-cache or static-cache); its buffers are on GPU
+    `device_id` (by default the session's)."""
     check_interface(session, interface, config, dtype)
     if interface == io.STATIC_CACHE:
-        return StaticCacheSteps(session, config, batch, max_length, dtype, device, cuda_graph)
-    return ConcatCacheSteps(session, config, batch, max_length, dtype, device)
+        return StaticCacheSteps(session, config, batch, max_length, dtype, device, cuda_graph, device_id)
+    return ConcatCacheSteps(session, config, batch, max_length, dtype, device, device_id)

@@ -140,3 +140,22 @@ def test_generation_is_sized_by_the_engines_limits(monkeypatch, plain_export):
         limits.check(batch=3, prompt=8, max_length=32)
     with pytest.raises(UserError, match="prompt <= 16"):
         limits.check(batch=1, prompt=17, max_length=32)
+
+
+def test_the_engine_is_deserialized_once_per_file(monkeypatch, plain_export):
+    """The Generator reads the engine's limits and each batch size's TrtSteps runs it: one copy on the GPU."""
+    calls: dict = {}
+    module = fake_tensorrt(10, calls)
+    runtime = module.Runtime(None)
+    loads = []
+    module.Runtime = lambda logger: Strict(deserialize_cuda_engine=lambda data: loads.append(data) or runtime
+                                           .deserialize_cuda_engine(data))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    build_engine_in_place(plain_export, Limits(2, 16, 64), overwrite=False)
+    from starcast.contract.manifest import read_manifest
+    from starcast.runtime.generator import Generator
+    from starcast.runtime.tensorrt.steps import load_engine
+
+    generator = Generator.from_pretrained(plain_export, provider="tensorrt")
+    path = plain_export / read_manifest(plain_export).engine_file
+    assert load_engine(path) is load_engine(path) and len(loads) == 1, generator.graph_note

@@ -65,13 +65,24 @@ class EngineLimits:
             )
 
 
+LOADED: dict[tuple[str, int, int], object] = {}  # (path, mtime_ns, size) -> engine: one engine on the GPU per file
+
+
 def load_engine(engine_path: Path):
-    trt = require_tensorrt()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
-    if engine is None:
-        raise UserError(f"{engine_path}: TensorRT cannot load this engine (built by another TensorRT or GPU?)")
-    return engine
+    """The engine in `engine_path`, deserialized once per file version: the Generator reads its limits and every
+    batch size's TrtSteps runs it, from the one copy (an engine is the model's size in GPU memory)."""
+    stat = engine_path.stat()
+    key = (str(engine_path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in LOADED:
+        trt = require_tensorrt()
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise UserError(f"{engine_path}: TensorRT cannot load this engine (built by another TensorRT or GPU?)")
+        for old in [k for k in LOADED if k[0] == key[0]]:  # a rebuilt file: the old engine goes
+            del LOADED[old]
+        LOADED[key] = engine
+    return LOADED[key]
 
 
 class TrtSteps:

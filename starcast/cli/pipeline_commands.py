@@ -185,18 +185,27 @@ def demo_command(output: Path | None, overwrite: bool) -> None:
 @click.option("--small", is_flag=True, help="Small models instead of SantaCoder's shape (with --provider cpu: a test).")
 @click.option("--output", type=click.Path(path_type=Path), help="Keep the exports here (default: a temporary folder).")
 @click.option("--report", type=click.Path(path_type=Path), default=Path("selftest-report.json"), show_default=True)
-def selftest_command(provider: str, device_id: int, small: bool, output: Path | None, report: Path) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the report file if it exists.")
+def selftest_command(
+    provider: str, device_id: int, small: bool, output: Path | None, report: Path, overwrite: bool
+) -> None:
     """Prove starcast on this machine's GPU: exports, node placement, CUDA graphs, greedy tokens against a
     reference, decode timings beside transformers, the bandwidth roofline. Exit 1 if a check fails."""
     import tempfile
 
     require_export_extra("starcast selftest")
-    from starcast.selftest import require_provider, selftest, table
+    from starcast.selftest import prepare_output, require_provider, selftest, table
 
+    if report.exists() and not report.is_file():
+        raise UserError(f"selftest --report {report}: not a file")
+    if report.exists() and not overwrite:
+        raise UserError(f"selftest --report {report}: the file exists (pass --overwrite to replace it)")
+    if not report.absolute().parent.is_dir():
+        raise UserError(f"selftest --report {report}: the folder {report.absolute().parent} does not exist")
     require_provider(provider, device_id)
     with tempfile.TemporaryDirectory(prefix="starcast-selftest-") as scratch:
         work = output.expanduser().absolute() if output else Path(scratch)
-        work.mkdir(parents=True, exist_ok=True)
+        prepare_output(work)
         result = selftest(provider, work, small, device_id, progress())
     report.write_text(json.dumps(result, indent=2, default=str) + "\n")
     click.echo(table(result))
@@ -212,7 +221,7 @@ def selftest_command(provider: str, device_id: int, small: bool, output: Path | 
 @click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="Model instances (per GPU).")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Rows per instance.")
 @click.option(
-    "--max-queue", type=click.IntRange(0), default=64, show_default=True, help="Waiting requests per instance."
+    "--max-queue", type=click.IntRange(0), default=64, show_default=True, help="Waiting beyond free rows (0: none)."
 )
 @click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
 @click.option("--link", is_flag=True, help="Link the export into the repository instead of copying it.")
