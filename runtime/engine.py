@@ -120,11 +120,14 @@ class Engine:
         with self.wake:
             if not self.accepting:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:  # requests whose callers went away give their places up
+            # max_queue counts what waits beyond the free rows (0: a request is taken only if a row is free)
+            busy = sum(not state.done for state in list(self.running.values()))
+            room = self.max_queue + max(0, self.batch.max_batch - busy)
+            if len(self.waiting) >= room:  # requests whose callers went away give their places up
                 for gone in [r for r in self.waiting if r.cancelled.is_set()]:
                     self.waiting.remove(gone)
                     unstarted(gone, FINISH_CANCELLED)
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= room:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.append(request)
             self.wake.notify()

@@ -6,8 +6,13 @@
     for piece in gen.stream("def fib(n):"): print(piece, end="")
 
 It runs the fused graph when the export has one for the provider, else the plain graph (`graph_note` says
-which, and why). The KV cache lives in one device buffer per batch size, allocated on first use and bound by
-address every step.
+which, and why). The KV cache lives in one device buffer, for the batch size of the last call: a call with
+another batch size frees it before allocating its own (after checking that it fits in the memory available),
+so memory never grows with the batch sizes seen. It is bound by address every step.
+
+Threads: one Generator may be shared by several threads; its calls take turns (a lock), since they share the
+cache. A stream holds the Generator until it is exhausted or closed. Starting a second call in the thread that
+holds it (two unfinished streams interleaved) raises GeneratorBusy (runtime/limits.py) instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from starcast.contract.errors import InvalidType, InvalidValue, UserError
 from starcast.contract.manifest import Manifest
 from starcast.runtime.export_folder import choose_graph, open_export, read_eos
 from starcast.runtime.inputs import check_prompt_batch, check_whole_number
+from starcast.runtime.limits import Turn, check_available, check_position_table, ort_failure
 from starcast.runtime.sampling import SamplingOptions, TokenChooser
 from starcast.runtime.session import SessionOptions, create_session, device_of
 from starcast.runtime.steps import check_interface, make_steps
@@ -58,7 +64,8 @@ class Generator:
         self.eos_token_ids = read_eos(folder, self.config)
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False
-        self._steps: dict[int, Any] = {}
+        self._steps: dict[int, Any] = {}  # at most one batch size (see the module docstring)
+        self._turn = Turn("Generator")
 
     @classmethod
     def from_pretrained(
@@ -108,8 +115,12 @@ class Generator:
     # -- token ids in, token ids out ------------------------------------------------------------------------
 
     def steps(self, batch: int) -> Any:
-        """The prefill/decode driver for this batch size, with its cache buffer (allocated once)."""
+        """The prefill/decode driver for this batch size, with its cache buffer (allocated once, and freed when
+        another batch size is asked for)."""
         if batch not in self._steps:
+            self._steps.clear()  # free the other size's cache before allocating this one
+            if self.interface != "tensorrt" and device_of(self.provider) == "cpu":
+                check_available(self.cache_bytes(batch), f"a batch of {batch} (its KV cache)")
             if self.interface == "tensorrt":
                 from starcast.runtime.tensorrt.steps import TrtSteps
 
@@ -122,6 +133,13 @@ class Generator:
                     cuda_graph=self.cuda_graph,
                 )  # fmt: skip
         return self._steps[batch]
+
+    def cache_bytes(self, batch: int) -> int:
+        """What the KV cache of `batch` rows takes at most (two sides for concat-cache graphs), zeroing included."""
+        c = self.config
+        per_token = c.n_layer * 2 * (1 if c.multi_query else c.n_head) * (c.n_embd // c.n_head)
+        sides = 1 if self.interface == io.STATIC_CACHE else 2
+        return 2 * sides * batch * self.max_length * per_token * self.dtype.itemsize
 
     def validate(self, input_ids: Any, attention_mask: Any, max_new_tokens: Any) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = check_prompt_batch(input_ids, attention_mask, self.config.vocab_size)
@@ -158,6 +176,18 @@ class Generator:
         ids, mask = self.validate(input_ids, attention_mask, max_new_tokens)
         eos = self.eos_for(eos_token_id)
         choose = TokenChooser(SamplingOptions(**sampling))
+        with self._turn:
+            try:
+                yield from self.run_steps(ids, mask, max_new_tokens, eos, choose)
+            except RuntimeError as exc:  # ONNX Runtime's errors; those with a cause a user can act on: one line
+                failure = ort_failure(exc)
+                if failure is None:
+                    raise
+                raise failure from None
+
+    def run_steps(
+        self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, eos: tuple[int, ...], choose: TokenChooser
+    ) -> Iterator[np.ndarray]:
         steps = self.steps(ids.shape[0])
         history = ids
         finished = np.zeros(ids.shape[0], dtype=bool)
@@ -271,3 +301,4 @@ def check_export_files(folder: Path, manifest: Manifest) -> None:
 
         if GPTBigCodeConfig.from_file(config_path) != manifest.config:
             raise UserError(f"{folder}: config.json does not match the config recorded in starcast.json")
+    check_position_table(folder, manifest)

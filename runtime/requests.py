@@ -61,6 +61,7 @@ class RowState:
         self.text, self.released, self.generated = "", 0, 0
         self.last_token = 0
         self.last_time = request.submitted
+        self.done = False  # the final event was sent: the row is free, whether or not the loop released it yet
 
     def choose(self, logits: np.ndarray) -> int:
         token = int(self.chooser(logits[None], self.history)[0])
@@ -98,6 +99,7 @@ class RowState:
 
     def finish(self, reason: str, flush: bool = True, error: str | None = None) -> str:
         """The final event: any text held back (a possible stop string that did not complete), then the end."""
+        self.done = True
         if flush and self.decoder is not None and reason in (FINISH_STOP, FINISH_LENGTH):
             self.text += self.decoder.flush()
             cut = self.stops.find(self.text)

@@ -1,7 +1,9 @@
 """Choosing the next token from the last position's logits: greedy, or sampled as transformers samples.
 
 The processors run in transformers' order: repetition penalty, temperature, top-k, top-p. A seed makes
-sampling reproducible (numpy's PCG64).
+sampling reproducible (numpy's PCG64). Everything is float64 and kept finite at the edges (a temperature of
+1e-39, a top_p of 1e-300, a penalty of 1e-300 or 1e300 behave as their limits: the likeliest token, or penalised
+tokens last); NaN or infinite logits from the model are an error (NonFiniteLogits), never a silent pick.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starcast.contract.errors import InvalidType, InvalidValue
+from starcast.contract.errors import InvalidType, InvalidValue, UserError
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,20 @@ def openai_style(temperature: float, **options) -> SamplingOptions:
     return SamplingOptions(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, **options)
 
 
+class NonFiniteLogits(UserError):
+    """The model produced NaN or infinite logits: an error, never a silent pick of token 0."""
+
+
+LARGEST = float(np.finfo(np.float64).max)
+
+
 def apply_repetition_penalty(logits: np.ndarray, history: np.ndarray, penalty: float) -> np.ndarray:
-    """CTRL's penalty as transformers applies it: seen tokens' positive logits / penalty, negative ones * penalty."""
+    """CTRL's penalty as transformers applies it: seen tokens' positive logits / penalty, negative ones * penalty.
+    In float64, clamped to finite values (a penalty of 1e-300 or 1e300 must not make an infinity)."""
     rows = np.arange(logits.shape[0])[:, None]
     seen = logits[rows, history]
-    logits[rows, history] = np.where(seen < 0, seen * penalty, seen / penalty)
+    with np.errstate(over="ignore"):
+        logits[rows, history] = np.clip(np.where(seen < 0, seen * penalty, seen / penalty), -LARGEST, LARGEST)
     return logits
 
 
@@ -66,7 +77,7 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
-    """Keep the smallest set of tokens whose probability adds up to at least p (always at least one)."""
+    """Keep the smallest set of tokens whose probability adds up to at least p (always at least the likeliest)."""
     if p >= 1.0:
         return logits
     order = np.argsort(-logits, axis=-1, kind="stable")
@@ -74,6 +85,7 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     probs = softmax(sorted_logits)
     cumulative = np.cumsum(probs, axis=-1)
     remove_sorted = cumulative - probs >= p  # tokens after the set already reached p
+    remove_sorted[:, 0] = False  # however small p is (1e-300), the likeliest token stays
     remove = np.zeros_like(remove_sorted)
     np.put_along_axis(remove, order, remove_sorted, axis=-1)
     return np.where(remove, -np.inf, logits)
@@ -85,20 +97,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def scaled(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """(logits - max) / temperature in float64: the likeliest token is exactly 0, the others <= 0 or -inf, so a
+    temperature of 1e-39 is greedy-like instead of inf / inf = NaN."""
+    with np.errstate(over="ignore"):
+        return (logits - logits.max(axis=-1, keepdims=True)) / temperature
+
+
 class TokenChooser:
     def __init__(self, options: SamplingOptions):
         self.options = options
         self.rng = np.random.default_rng(options.seed)
 
     def __call__(self, logits: np.ndarray, history: np.ndarray) -> np.ndarray:
-        """logits [batch, vocab] (any float dtype), history [batch, tokens so far] -> next ids [batch]."""
+        """logits [batch, vocab] (any float dtype), history [batch, tokens so far] -> next ids [batch]. All
+        arithmetic is float64 and kept finite at the edges; NaN or infinite logits raise NonFiniteLogits."""
         opts = self.options
-        logits = logits.astype(np.float32, copy=True)
+        logits = logits.astype(np.float64, copy=True)
+        bad = ~np.isfinite(logits).all(axis=-1)
+        if bad.any():
+            rows = ", ".join(map(str, np.flatnonzero(bad)[:8]))
+            raise NonFiniteLogits(f"the model produced NaN or infinite logits (batch row {rows}); nothing was chosen")
         if opts.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, history, opts.repetition_penalty)
         if not opts.do_sample:
             return logits.argmax(axis=-1)
-        logits = top_p_filter(top_k_filter(logits / opts.temperature, opts.top_k), opts.top_p)
-        probs = softmax(logits.astype(np.float64))
+        logits = top_p_filter(top_k_filter(scaled(logits, opts.temperature), opts.top_k), opts.top_p)
+        probs = softmax(logits)
         draws = self.rng.random((probs.shape[0], 1))
         return np.minimum((probs.cumsum(axis=-1) < draws).sum(axis=-1), probs.shape[-1] - 1)

@@ -42,6 +42,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.inner.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
+    def largest_id(self) -> int:
+        """The largest id the tokenizer can produce (added and special tokens included)."""
+        return max(self.inner.get_vocab(with_added_tokens=True).values(), default=-1)
+
     def token_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
 

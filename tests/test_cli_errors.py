@@ -94,7 +94,52 @@ def test_unknown_option_is_one_line(ckpt, tmp_path):
 def test_export_and_check_succeed_from_the_command_line(ckpt, tmp_path):
     result = starcast("export", ckpt, tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    for stage in ("[load]", "[trace]", "[save]", "[verify]", "parity ok"):
+    for stage in ("[trace]", "[weights]", "[save]", "[verify]", "parity ok"):
         assert stage in result.stderr
     result = starcast("check", tmp_path / "out")
     assert result.returncode == 0 and "parity ok" in result.stdout
+
+
+def test_quantize_on_crafted_manifests_is_one_line(small_export, tmp_path):
+    """Found by mutating every manifest field into `starcast quantize`: these two were internal errors."""
+    from conftest import copy_export, rewrite_manifest
+
+    for field in ("n_embd", "n_layer"):
+        folder = copy_export(small_export, tmp_path / field)
+        rewrite_manifest(folder, lambda m, field=field: m["config"].pop(field))
+        assert_user_error(starcast("quantize", folder, tmp_path / f"{field}-out"), "config.json does not match")
+        assert not (tmp_path / f"{field}-out").exists()
+
+
+def test_optimize_on_a_quantized_plain_export_says_it_is_quantized(small_export, tmp_path):
+    assert starcast("export", small_export.parent / "ckpt", tmp_path / "plain", "--no-fuse").returncode == 0
+    assert starcast("quantize", tmp_path / "plain", tmp_path / "q").returncode == 0
+    assert_user_error(starcast("optimize", tmp_path / "q", tmp_path / "o"), "is quantized", "int4")
+
+
+def test_errors_name_the_users_output_not_the_temporary_folder(small_export, tmp_path):
+    import onnx
+    from conftest import rehash
+
+    folder = tmp_path / "plain"
+    assert starcast("export", small_export.parent / "ckpt", folder, "--no-fuse").returncode == 0
+    proto = onnx.load(str(folder / "model.onnx"))
+    table = next(t for t in proto.graph.initializer if "wpe" in t.name)
+    table.raw_data = table.raw_data[:100]  # a consistent manifest around a graph ONNX Runtime cannot load
+    onnx.save(proto, str(folder / "model.onnx"))
+    rehash(folder)
+    line = assert_one_line(starcast("optimize", folder, tmp_path / "out"), 2, str(tmp_path / "out" / "model.onnx"))
+    assert ".tmp-" not in line and sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+def test_a_tokenizer_whose_ids_exceed_the_vocabulary_fails_check(small_export, tmp_path):
+    from conftest import copy_export, rehash
+
+    folder = copy_export(small_export, tmp_path / "export")
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": vocab + 5, "content": "<beyond>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    rehash(folder)
+    assert_user_error(starcast("check", folder, "--files-only"), "tokenizer.json", f"(0..{vocab - 1})", "vocabulary")

@@ -126,8 +126,9 @@ def test_cancelling_frees_the_row_and_the_queue_is_bounded(exports):
     collector = Collector(2)
     long = engine.submit(Request(ids, 100, on_event=collector.callback(0)))
     engine.submit(Request(ids, 5, on_event=collector.callback(1)))
+    engine.submit(Request(ids, 5))
     with pytest.raises(QueueFull):
-        engine.submit(Request(ids, 5))  # the engine has not started: two wait, which is the most the queue holds
+        engine.submit(Request(ids, 5))  # not started: one for the free row and two beyond it is the most it holds
     with pytest.raises(InvalidValue, match="maximum length"):
         engine.submit(Request(ids, 1000))
     long.cancel()
@@ -141,6 +142,25 @@ def test_cancelling_frees_the_row_and_the_queue_is_bounded(exports):
         engine.stop(0)
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit(Request(ids, 5))
+
+
+def test_max_queue_zero_takes_requests_while_a_row_is_free(exports):
+    engine = Engine.from_export(exports[True, "cpu"], max_batch=2, max_queue=0, max_length=128)
+    ids = np.asarray(engine.tokenizer.encode(PROMPTS[0]), np.int64)
+    collector = Collector(2)
+    engine.submit(Request(ids, 60, on_event=collector.callback(0)))
+    engine.submit(Request(ids, 60, on_event=collector.callback(1)))
+    with pytest.raises(QueueFull):
+        engine.submit(Request(ids, 5))  # both rows are taken and nothing may wait beyond them
+    engine.start()
+    try:
+        assert collector.done.wait(60)
+        assert all(len(collector.tokens[i]) >= 1 and collector.finish[i].error is None for i in (0, 1))
+        done = Collector(1)
+        engine.submit(Request(ids, 5, on_event=done.callback(0)))  # rows are free again
+        assert done.done.wait(60) and done.finish[0].finish_reason == FINISH_LENGTH
+    finally:
+        engine.stop(0)
 
 
 def test_a_request_that_fails_fails_alone(exports):

@@ -18,6 +18,7 @@ from conftest import (
     OFFLINE,
     assert_one_line,
     copy_export,
+    rehash,
     rewrite_manifest,
     save_hf_checkpoint,
     starcast,
@@ -133,7 +134,8 @@ def test_outputs_that_cannot_be_written(ckpt, tmp_path):
     assert_one_line(starcast("export", ckpt, "/proc/starcast-out", "--no-fuse"), 2)
     mount = tmp_path / "mnt"
     mount.mkdir()
-    for options, word in (("ro,size=4m", "read-only file system"), ("size=64k", "no space left on device")):
+    # a disk too small for the export is refused before anything is written (pipeline/export.py: check_room)
+    for options, word in (("ro,size=4m", "read-only file system"), ("size=64k", "not enough free space")):
         if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True).returncode:
             pytest.skip("needs mount (a tmpfs) to make a full or read-only file system")
         try:
@@ -243,3 +245,21 @@ def test_a_leftover_folder_with_an_impossible_pid_is_left_alone(tmp_path):
     result = starcast("export", folder, tmp_path / "out", "--no-fuse")
     assert result.returncode == 0, result.stderr
     assert odd.is_dir()
+
+
+def test_a_config_with_more_positions_than_the_graphs_table_is_one_line(small_export, tmp_path):
+    folder = copy_export(small_export, tmp_path / "export")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_positions": 256}))
+    rewrite_manifest(folder, lambda m: m["config"].update(n_positions=256))
+    rehash(folder)  # a consistent export whose config lies about the graph (128 positions)
+    assert_one_line(starcast("generate", folder, "--ids", "1", "--max-new-tokens", "200"), 2, "position table", "128")
+
+
+def test_onnx_runtimes_allocation_failure_is_one_line(small_export):
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit to cap the address space")
+    command = ["bench", small_export, "--batch", "8000", "--prompt-tokens", "120", "--new-tokens", "2", "--runs", "1"]
+    result = starcast(*command, prefix=["prlimit", f"--as={1200 << 20}"])
+    line = assert_one_line(result, 2, "could not allocate", "GiB", "lower the batch")
+    assert "internal error" not in line

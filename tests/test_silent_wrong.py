@@ -101,11 +101,34 @@ def test_check_passes_on_a_quantized_export_it_made(tmp_path):
         "quantize", tmp_path / "out", tmp_path / "q", "--quantize", "int4", "--eval-text", tmp_path / "eval.txt"
     )
     assert result.returncode == 0, result.stderr
-    recorded = json.loads((tmp_path / "q" / "starcast.json").read_text())["parity"]
-    assert recorded["tolerance"] > 1e-4 and recorded["quantized_vs_float"] > 0
+    manifest = json.loads((tmp_path / "q" / "starcast.json").read_text())
+    # the float graph's own proof, with its tolerance: no tolerance widened by the quantization's distance
+    assert manifest["parity"]["tolerance"] == 1e-4 and manifest["parity"]["quantized_vs_float"] > 0
+    assert manifest["quantization"]["recorded_logits"] in manifest["files"]
     result = starcast("check", tmp_path / "q", "--source", folder)
     assert result.returncode == 0, result.stderr
-    assert "fused parity ok" in result.stdout and "parity ok" in result.stdout.splitlines()[-1]
+    assert "fused parity ok" in result.stdout and "recorded-logits parity" in result.stdout
+    assert "reference parity of the float graph before quantization" in result.stdout.splitlines()[-1]
+
+
+def test_check_fails_a_quantized_graph_that_no_longer_computes_its_recorded_logits(tmp_path):
+    """The quantized proof can fail: logits 1% off (as a changed graph or kernel would give) with a manifest
+    whose hashes agree are a failed proof, exit 1."""
+    import hashlib
+
+    import numpy as np
+
+    folder, _ = save_checkpoint_with_tokenizer(tmp_path / "ckpt")
+    assert starcast("export", folder, tmp_path / "out", "--quantize", "int4").returncode == 0
+    export = tmp_path / "out"
+    manifest = json.loads((export / "starcast.json").read_text())
+    name = manifest["quantization"]["recorded_logits"]
+    np.save(export / name, np.load(export / name) * 1.01)
+    manifest["files"][name] = hashlib.sha256((export / name).read_bytes()).hexdigest()
+    (export / "starcast.json").write_text(json.dumps(manifest))
+    result = starcast("check", export)
+    assert result.returncode == 1, result.stderr
+    assert "recorded-logits parity" in result.stderr and "FAILED" in result.stderr
 
 
 def test_corrupt_side_files_are_refused_at_export(tmp_path):
@@ -135,6 +158,41 @@ def test_generating_from_ids_needs_no_tokenizer(small_export, tmp_path):
 )
 def test_nan_sampling_options_are_refused(small_export, option, value):
     assert_one_line(starcast("generate", small_export, "--ids", "1,2", "--do-sample", option, value), 2)
+
+
+EXTREMES = [  # every sampling option at both edges of what it accepts
+    dict(temperature=1e-39), dict(temperature=5e-324), dict(temperature=1e300), dict(top_p=1e-300),
+    dict(top_p=5e-324), dict(top_p=1.0), dict(top_k=1), dict(top_k=10**9), dict(repetition_penalty=1e-300),
+    dict(repetition_penalty=5e-324), dict(repetition_penalty=1e300), dict(seed=0), dict(seed=2**128),
+    dict(temperature=1e-39, top_p=1e-300, top_k=1, repetition_penalty=1e-300),
+]
+
+
+def test_sampling_at_the_extremes_of_every_option_is_never_nan_nor_token_zero(small_export):
+    generator = Generator.from_pretrained(small_export)
+    ids = np.asarray([generator.tokenizer.encode("def add(a, b):\n")], np.int64)
+    greedy = generator.generate(ids, max_new_tokens=4, eos_token_id=None)[0, ids.shape[1] :]
+    assert 0 not in greedy.tolist()  # this prompt does not end at once: a 0 below would be a NaN pick
+    with np.errstate(invalid="raise"):  # no NaN made anywhere in sampling
+        for options in EXTREMES:
+            out = generator.generate(ids, max_new_tokens=4, eos_token_id=None, do_sample=True, **options)
+            new = out[0, ids.shape[1] :].tolist()
+            assert 0 not in new and all(0 <= t < generator.config.vocab_size for t in new), (options, new)
+            edge = options.get("temperature", 1) < 1e-30 or options.get("top_p", 1) < 1e-30 or options.get("top_k") == 1
+            if edge and "repetition_penalty" not in options:
+                assert new == greedy.tolist(), options  # the limit of these is the likeliest token
+
+
+def test_nan_or_infinite_logits_are_an_error_never_a_pick():
+    from starcast.runtime.sampling import NonFiniteLogits, SamplingOptions, TokenChooser
+
+    logits = np.linspace(-3, 3, 2 * 96, dtype=np.float32).reshape(2, 96)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = logits.copy()
+        broken[1, 5] = bad
+        for options in (SamplingOptions(), SamplingOptions(do_sample=True, seed=1)):
+            with pytest.raises(NonFiniteLogits, match="batch row 1"):
+                TokenChooser(options)(broken, np.zeros((2, 1), np.int64))
 
 
 def test_api_refuses_right_padding_and_honours_a_single_stop_string(small_export):

@@ -10,6 +10,7 @@ import os
 import queue
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -172,3 +173,33 @@ def test_two_servers_behind_round_robin_survive_losing_one(repository, backends)
         assert all(error is not None for _, _, error in lost)
         retried, _, error = stream(first["grpc"], prompt_inputs(PROMPTS[1], 12))
         assert error is None and retried == alone(generator, PROMPTS[1], 12)
+
+
+def test_a_triton_repo_killed_while_it_copies_leaves_a_repository_tritonserver_serves(repository, backends, tmp_path):
+    _, export_folder = repository
+    repo = tmp_path / "repo"
+    write_repository(export_folder, repo, NAME)
+    command = [sys.executable, "-m", "starcast", "triton-repo", str(export_folder), str(repo), "--name", "second"]
+    for _ in range(20):  # until the kill lands while it copies
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while run.poll() is None and not any(p.name.startswith(".repo.second.tmp-") for p in tmp_path.iterdir()):
+            pass
+        run.kill()
+        run.wait()
+        if run.returncode == -signal.SIGKILL and not (repo / "second").exists():
+            break
+        shutil.rmtree(repo / "second", ignore_errors=True)
+    else:
+        pytest.fail("triton-repo was never killed while copying")
+    assert any(p.name.startswith(".repo.second.tmp-") for p in tmp_path.iterdir())  # beside REPO, not in it
+    assert sorted(p.name for p in repo.iterdir()) == [NAME]
+    with tritonserver(repo, backends) as ports:  # fails on a half-written or unexpected folder in REPO
+        tokens, _, error = stream(ports["grpc"], prompt_inputs(PROMPTS[0], 8))
+        assert error is None and tokens
+    old_style = repo / f".second.tmp-{os.getpid()}-0a1b2c3d"  # what 0.2 left inside the repository
+    old_style.mkdir()
+    (old_style / ".starcast-partial").touch()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # the next run cleaned up
+    assert sorted(p.name for p in repo.iterdir()) == ["second", NAME]

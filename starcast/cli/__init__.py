@@ -17,8 +17,22 @@ class ReaderGone(BaseException):
     """stdout's reader closed the pipe (`starcast generate ... | head -1`): stop quietly (click would exit 1)."""
 
 
+def stop_listening() -> None:
+    """After the first SIGTERM or SIGINT: ignore both while the cleanup runs (a second one, milliseconds later,
+    would otherwise interrupt it, or raise inside an atexit callback and print a traceback)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: nothing to change
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def on_sigterm(signum, frame) -> None:
+    stop_listening()
     raise Terminated()
+
+
+def on_sigint(signum, frame) -> None:
+    stop_listening()
+    raise KeyboardInterrupt()
 
 
 def say(message: str) -> None:
@@ -39,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors are one line on stderr and exit code 2, a failed proof exit code 1, never a
     traceback."""
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         run(argv)
     except KeyboardInterrupt:
@@ -84,6 +99,12 @@ def run(argv: list[str] | None) -> None:
         say(f"starcast: error: {where}{(exc.strerror or str(exc)).lower()}")
         sys.exit(2)
     except Exception as exc:  # a defect of starcast's: one line that says so, never a traceback
+        from starcast.runtime.limits import ort_failure
+
+        failure = ort_failure(exc)  # ONNX Runtime's own errors with a cause the user can act on (memory)
+        if failure is not None:
+            say(f"starcast: error: {' '.join(str(failure).split())}")
+            sys.exit(2)
         first = (str(exc).splitlines() or [""])[0][:300]
         say(f"starcast: internal error ({type(exc).__name__}: {first}); please report it")
         sys.exit(1)

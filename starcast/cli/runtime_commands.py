@@ -105,7 +105,7 @@ def bench_command(
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="Rows decoded together.")
 @click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
-              help="Requests that may wait for a row; beyond it: 503 with Retry-After.")  # fmt: skip
+              help="Requests that may wait beyond the free rows (0: none); beyond it: 503.")  # fmt: skip
 @click.option("--max-length", type=click.IntRange(2), help="Prompt + output tokens per request (default: 2048).")
 @click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
 @click.option("--device", "device_id", type=click.IntRange(0, 63), default=0, show_default=True, help="GPU index.")

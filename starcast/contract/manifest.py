@@ -279,7 +279,8 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
     for name, digest in manifest.files.items():
         path = manifest.path(folder, name)
         if not path.is_file():
-            raise UserError(f"{folder}: {name} is missing")
+            what = "is not a regular file" if path.exists() else "is missing"  # a FIFO, a device, a folder
+            raise UserError(f"{folder}: {name} {what}")
         try:
             actual = sha256(path)
         except OSError as exc:

@@ -8,6 +8,7 @@ folder's contents can never make starcast read, write, move or delete anything o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -28,8 +29,13 @@ def confine(root: Path, name: Any, what: str) -> Path:
         raise UserError(f"{what}: {name!r} is an absolute path; names read from {root} must stay inside it")
     if ".." in pure.parts:
         raise UserError(f"{what}: {name!r} contains '..'; names read from {root} must stay inside it")
-    real_root = root.resolve()
-    target = (real_root / pure).resolve()  # symbolic links followed, to wherever they lead
+    try:
+        real_root = root.resolve()
+        target = (real_root / pure).resolve()  # symbolic links followed, to wherever they lead
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError(ELOOP)
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise UserError(f"{what}: {name!r} cannot be followed ({os_reason(exc)})") from None
+        raise UserError(f"{root / pure}: a loop of symbolic links, which leads to no file") from None
     if target != real_root and not target.is_relative_to(real_root):
         raise UserError(f"{what}: {name!r} leads outside {root} through a symbolic link")
     return target

@@ -15,6 +15,7 @@ from starcast.graphs.quantize import check_options
 from starcast.pipeline.derived import add_fused, add_quantization
 from starcast.pipeline.folders import atomic_folder, check_output
 from starcast.pipeline.progress import QUIET, Progress
+from starcast.runtime.generator import check_export_files
 
 
 def derive_export(source: Path, output: Path, overwrite: bool, change: Callable[[Path, Manifest], None]) -> Manifest:
@@ -22,6 +23,7 @@ def derive_export(source: Path, output: Path, overwrite: bool, change: Callable[
     manifest = read_manifest(source)
     output = check_output(output, overwrite, inputs=(source,))
     verify_files(source, manifest)
+    check_export_files(source, manifest)  # the recorded config describes config.json and the graph's tables
     with atomic_folder(output, overwrite) as tmp:
         for name in manifest.files:
             target = tmp.joinpath(*PurePosixPath(name).parts)  # `name` was confined when the manifest was read
@@ -35,6 +37,11 @@ def derive_export(source: Path, output: Path, overwrite: bool, change: Callable[
 def optimize_export(source: Path, output: Path, target: str, overwrite: bool, progress: Progress = QUIET) -> Manifest:
     """`starcast optimize`: a new export folder = the plain export + its fused graph."""
     manifest = read_manifest(source.expanduser().absolute())
+    if manifest.quantization is not None:
+        raise UserError(
+            f"{source}: is quantized ({manifest.quantization.get('quantization')}); optimize the float export it "
+            f"was made from, then quantize the result"
+        )
     if manifest.fused is not None:
         raise UserError(f"{source}: already has a fused graph ({manifest.fused.target}); nothing to do")
 

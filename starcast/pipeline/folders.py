@@ -1,7 +1,9 @@
 """Output folders: built beside the target, moved into place in one step, never over anything that is not ours.
 
-- A run writes into `.OUT.tmp-PID-XXXX` (with a marker file) beside OUT; a failed or interrupted run removes it,
-  and the next run removes those of dead processes (SIGKILL), recognised by their name, pid and marker.
+- A run writes into `.OUT.tmp-PID-XXXX` (with a marker file) beside OUT, or in a `staging` folder on the same
+  file system, and holds an flock on it while it lives; a failed or interrupted run removes it, and the next run
+  removes those whose lock is free (a killed run's), recognised by their name and marker. A pid proves nothing
+  across PID namespaces (two containers sharing a volume); a lock does.
 - Without --overwrite the folder is renamed into place only if OUT still does not exist (renameat2's
   RENAME_NOREPLACE): of two runs racing for one OUT, the loser fails with one line and deletes nothing.
 - With --overwrite the new folder and OUT are exchanged in one step (RENAME_EXCHANGE) under a lock on the
@@ -36,42 +38,57 @@ def temporary_name(output: Path, kind: str) -> str:
     return f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a number no process can have counts as running: that folder is not ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
+def staging_name(output: Path, staging: Path | None) -> Path:
+    """Where the temporary folders of `output` go: beside it, or `staging/.PARENT.NAME.*` (same file system)."""
+    if staging is None:
+        return output
+    return staging / f"{output.parent.name}.{output.name}"
 
 
-def leftovers(output: Path) -> Iterator[tuple[str, int, Path]]:
-    """(kind, pid, path) of the temporary folders earlier runs left beside `output`."""
-    pattern = re.compile(rf"\.{re.escape(output.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+def hold(folder: Path) -> int | None:
+    """An fd holding an exclusive flock on `folder` (what tells later runs that its run is alive), or None where
+    another process holds it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        entries = list(output.parent.iterdir())
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def leftovers(stem: Path) -> Iterator[tuple[str, Path]]:
+    """(kind, path) of the temporary folders earlier runs left as `stem.parent/.STEM.(tmp|old)-PID-HEX`."""
+    pattern = re.compile(rf"\.{re.escape(stem.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    try:
+        entries = list(stem.parent.iterdir())
     except OSError:
         return
     for entry in entries:
         match = pattern.fullmatch(entry.name)
         if match and entry.is_dir() and not entry.is_symlink():
-            yield match.group(1), int(match.group(2)), entry
+            yield match.group(1), entry
 
 
-def recover(output: Path) -> None:
-    """Finish what dead runs left beside `output`: put back an export moved aside by an interrupted --overwrite,
-    and remove their temporary folders."""
+def recover(output: Path, staging: Path | None = None) -> None:
+    """Finish what dead runs left: put back an export moved aside by an interrupted --overwrite (under the parent
+    lock that every swap holds), and remove temporary folders whose run's lock is free."""
     with locked(output.parent):
-        for kind, pid, path in leftovers(output):
-            if pid_alive(pid):
+        for kind, path in leftovers(staging_name(output, staging)):
+            try:
+                fd = hold(path)
+            except OSError:
                 continue
-            ours = (path / MARKER).is_file() or is_export(path)
-            if kind == "old" and not output.exists():
-                os.rename(path, output)  # the swap was interrupted after moving the old export aside
-            elif ours:
-                shutil.rmtree(path, ignore_errors=True)
+            if fd is None:
+                continue  # a live run's, whatever its pid looks like from here
+            try:
+                ours = (path / MARKER).is_file() or is_export(path)
+                if kind == "old" and not output.exists():
+                    os.rename(path, output)  # the swap was interrupted after moving the old export aside
+                elif ours:
+                    shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 @contextmanager
@@ -90,8 +107,15 @@ def locked(folder: Path) -> Iterator[None]:
 
 
 def same_or_nested(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
+    a, b = real_path(a), real_path(b)
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def real_path(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a loop of symbolic links (RuntimeError before Python 3.13)
+        raise UserError(f"{path}: a loop of symbolic links, which leads to no folder") from None
 
 
 def is_export(folder: Path) -> bool:
@@ -99,7 +123,8 @@ def is_export(folder: Path) -> bool:
 
 
 def check_output(
-    output: Path, overwrite: bool, inputs: tuple[Path, ...] = (), is_ours: Callable[[Path], bool] = is_export
+    output: Path, overwrite: bool, inputs: tuple[Path, ...] = (), is_ours: Callable[[Path], bool] = is_export,
+    staging: Path | None = None,
 ) -> Path:
     """The absolute output path, once it is safe to write there; refuses with one line otherwise."""
     output = output.expanduser().absolute()
@@ -112,7 +137,7 @@ def check_output(
             raise UserError(
                 f"{output}: the output would replace or contain the input {source}; choose another output folder"
             )
-    recover(output)
+    recover(output, staging)
     if output.is_symlink() or output.exists():
         if not overwrite:
             raise UserError(f"{output}: already exists (pass --overwrite to replace it)")
@@ -152,7 +177,9 @@ def rename2(source: Path, target: Path, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(target))
 
 
-def place(tmp: Path, output: Path, overwrite: bool, is_ours: Callable[[Path], bool] = is_export) -> None:
+def place(
+    tmp: Path, output: Path, overwrite: bool, is_ours: Callable[[Path], bool] = is_export, staging: Path | None = None
+) -> None:
     """Move the finished folder to `output` in one step (see the module docstring)."""
     with locked(output.parent):
         exists = output.is_symlink() or output.exists()
@@ -172,7 +199,8 @@ def place(tmp: Path, output: Path, overwrite: bool, is_ours: Callable[[Path], bo
         if rename2(tmp, output, RENAME_EXCHANGE):
             (tmp / MARKER).touch()  # tmp now holds the old export: removed by the caller, or by the next run
             return
-        old = output.with_name(temporary_name(output, "old"))
+        stem = staging_name(output, staging)
+        old = stem.with_name(temporary_name(stem, "old"))
         os.rename(output, old)
         if os.environ.get(TEST_SWAP) == "kill-between":
             os.kill(os.getpid(), 9)
@@ -195,34 +223,50 @@ def normalize_modes(folder: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def new_temporary(stem: Path) -> tuple[Path, int]:
+    """A new temporary folder `.STEM.tmp-PID-HEX` with its marker, and the fd of the lock this run holds on it."""
+    tmp = stem.with_name(temporary_name(stem, "tmp"))
+    tmp.mkdir(mode=0o700)
+    fd = hold(tmp)
+    assert fd is not None  # nobody else knows the folder yet
+    (tmp / MARKER).touch()
+    return tmp, fd
+
+
 @contextmanager
-def atomic_folder(output: Path, overwrite: bool = False, is_ours: Callable[[Path], bool] = is_export) -> Iterator[Path]:
-    """Yield a new temporary folder beside `output`; on success it becomes `output`, on failure it vanishes.
-    File-system errors become one line naming the file and the cause."""
-    tmp = output.with_name(temporary_name(output, "tmp"))
+def atomic_folder(
+    output: Path, overwrite: bool = False, is_ours: Callable[[Path], bool] = is_export, staging: Path | None = None
+) -> Iterator[Path]:
+    """Yield a new temporary folder beside `output` (or in `staging`); on success it becomes `output`, on failure
+    it vanishes. File-system errors become one line naming the user's file (never the temporary one) and the
+    cause."""
+    tmp, fd = staging_name(output, staging), None
     try:
         try:
-            tmp.mkdir(mode=0o700)
-            (tmp / MARKER).touch()
+            tmp, fd = new_temporary(tmp)
             yield tmp
             (tmp / MARKER).unlink()
             normalize_modes(tmp)
-            place(tmp, output, overwrite, is_ours)
+            place(tmp, output, overwrite, is_ours, staging)
         except OSError as exc:
             where = str(exc.filename or output).replace(str(tmp), str(output))
             raise UserError(f"{where}: {os_reason(exc)}") from None
+        except UserError as exc:
+            exc.args = (str(exc).replace(str(tmp), str(output)),)
+            raise
     finally:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            os.close(fd)
 
 
 @contextmanager
 def scratch_folder(beside: Path) -> Iterator[Path]:
     """A temporary folder of starcast's own beside `beside` (same file system), removed at the end."""
-    tmp = beside.with_name(temporary_name(beside, "tmp"))
-    tmp.mkdir(mode=0o700)
-    (tmp / MARKER).touch()
+    tmp, fd = new_temporary(beside)
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)

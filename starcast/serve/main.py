@@ -89,9 +89,14 @@ def serve(
 
     app = create_app(load, name, grace)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=int(grace) + 1
+        app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=int(grace) + 10
     )
-    server = uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.starcast.begin_stop()  # the engine's grace starts now, not once uvicorn gave up waiting
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     # uvicorn handles SIGTERM (a graceful shutdown), then raises it again for the previous handler: a finished
     # shutdown is a normal exit, not the CLI's "terminated".
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -4,7 +4,9 @@
     REPO_DIR/NAME/1/model.py      starcast/triton/model.py, with where starcast is installed written in
     REPO_DIR/NAME/1/export/       the export, copied (checked against its manifest) or, with --link, linked
 
-REPO_DIR/NAME is written atomically; other models in REPO_DIR are left alone.
+REPO_DIR/NAME is built in a hidden sibling of REPO_DIR (`.REPO.NAME.tmp-*`, which Triton never polls) and
+renamed into place in one step; a new REPO_DIR is built whole and appears in one step. Other models in REPO_DIR
+are left alone, and --overwrite replaces REPO_DIR/NAME only while it holds nothing but what starcast wrote.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from starcast.contract.errors import UserError
 from starcast.contract.manifest import read_manifest, verify_files
 from starcast.contract.paths import read_text_prefix
-from starcast.pipeline.folders import atomic_folder, check_output
+from starcast.pipeline.folders import atomic_folder, check_output, recover
 
 MODEL_SOURCE = Path(__file__).with_name("model.py")
 EXPORT = "export"
@@ -66,6 +68,62 @@ def is_model_folder(folder: Path) -> bool:
     return model.is_file() and "starcast triton-repo" in read_text_prefix(model, 2000)
 
 
+def replaceable_model_folder(folder: Path) -> bool:
+    """Whether --overwrite may replace `folder`: ours, holding nothing but what starcast wrote (and the Python
+    backend's __pycache__); refuses with one line naming what the user added."""
+    if not is_model_folder(folder):
+        return False
+    written = {".": {"config.pbtxt", "1"}, "1": {"model.py", EXPORT, "__pycache__"}}
+    for inside, names in written.items():
+        for entry in sorted((folder / inside).iterdir()):
+            if entry.name not in names:
+                raise UserError(
+                    f"{entry}: starcast did not write this; --overwrite replaces only what starcast wrote in "
+                    f"{folder} (move it elsewhere first)"
+                )
+    export = folder / "1" / EXPORT
+    if export.is_dir() and not export.is_symlink():
+        listed = {"starcast.json", *read_manifest(export).files}
+        for entry in sorted(export.rglob("*")):
+            name = entry.relative_to(export).as_posix()
+            if entry.is_file() and name not in listed:
+                raise UserError(
+                    f"{entry}: starcast did not write this; --overwrite replaces only what starcast wrote in "
+                    f"{folder} (move it elsewhere first)"
+                )
+    return True
+
+
+def staging_for(repo_dir: Path) -> Path | None:
+    """Where to build: beside REPO_DIR (a hidden sibling Triton never polls) when that is on the same file
+    system and writable, else inside REPO_DIR (a mount point of its own)."""
+    try:
+        same = repo_dir.parent.stat().st_dev == repo_dir.stat().st_dev
+    except OSError:
+        return None
+    return repo_dir.parent if same and os.access(repo_dir.parent, os.W_OK) else None
+
+
+def fill_model_folder(
+    folder: Path, source: Path, manifest, name: str, instances: int, max_batch: int, max_queue: int, provider: str,
+    link: bool,
+) -> None:  # fmt: skip
+    folder.mkdir(exist_ok=True)
+    (folder / "config.pbtxt").write_text(config_text(name, instances, max_batch, max_queue, provider))
+    version = folder / "1"
+    version.mkdir()
+    (version / "model.py").write_text(model_text())
+    if link:
+        os.symlink(source, version / EXPORT)
+        return
+    (version / EXPORT).mkdir()
+    for file in manifest.files:
+        destination = version / EXPORT / file
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest.path(source, file), destination)
+    shutil.copyfile(source / "starcast.json", version / EXPORT / "starcast.json")
+
+
 def site_packages() -> list[str]:
     """Where this Python finds starcast and its dependencies, for a Triton stub that does not look there."""
     paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
@@ -90,20 +148,18 @@ def write_repository(
     manifest = read_manifest(source)
     verify_files(source, manifest)
     repo_dir = repo_dir.expanduser().absolute()
-    repo_dir.mkdir(parents=True, exist_ok=True)
-    target = check_output(repo_dir / name, overwrite, (source,), is_model_folder)
-    with atomic_folder(target, overwrite, is_model_folder) as tmp:
-        (tmp / "config.pbtxt").write_text(config_text(name, instances, max_batch, max_queue, provider))
-        version = tmp / "1"
-        version.mkdir()
-        (version / "model.py").write_text(model_text())
-        if link:
-            os.symlink(source, version / EXPORT)
-        else:
-            (version / EXPORT).mkdir()
-            for file in manifest.files:
-                destination = version / EXPORT / file
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(manifest.path(source, file), destination)
-            shutil.copyfile(source / "starcast.json", version / EXPORT / "starcast.json")
+    fill = lambda folder: fill_model_folder(  # noqa: E731
+        folder, source, manifest, name, instances, max_batch, max_queue, provider, link
+    )
+    if not repo_dir.is_dir() and not repo_dir.is_symlink():
+        # A new repository is built whole beside itself and appears in one rename: nothing half-made, ever.
+        target = check_output(repo_dir, False, (source,), is_model_folder)
+        with atomic_folder(target, False, lambda _: False) as tmp:
+            fill(tmp / name)
+        return repo_dir / name
+    staging = staging_for(repo_dir)
+    recover(repo_dir / name)  # what runs before 0.3 left inside the repository
+    target = check_output(repo_dir / name, overwrite, (source,), replaceable_model_folder, staging)
+    with atomic_folder(target, overwrite, replaceable_model_folder, staging) as tmp:
+        fill(tmp)
     return target
