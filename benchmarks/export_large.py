@@ -105,7 +105,7 @@ def main() -> None:
     }  # fmt: skip
     if args.generate:
         runs = {
-            "generate": ["--prompt", "def fibonacci(n):", "--max-new-tokens", "32"],
+            "generate": ["--ids", "1,2,3,4,5,6,7,8", "--max-new-tokens", "32"],  # random checkpoints: no tokenizer
             "bench": ["--prompt-tokens", "128", "--new-tokens", "32", "--runs", "2", "--json"],
         }
         for name, extra in runs.items():

@@ -226,17 +226,21 @@ def load_model(
         filled.add(name)
         if on_tensor is not None:
             on_tensor(len(filled), len(expected))
+    check_all_used(checkpoint, unused, sorted(set(expected) - filled))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.eval().requires_grad_(False)
+
+
+def check_all_used(checkpoint: Checkpoint, unused: list[str], missing: list[str]) -> None:
+    """Every checkpoint tensor is one the config uses, and every weight the config needs is there."""
     if unused:
         raise UserError(
             f"{checkpoint.folder}: the checkpoint has tensors the config does not use ({listing(sorted(unused))}): "
             f"config.json does not describe these weights"
         )
-    missing = sorted(set(expected) - filled)
     if missing:
         raise UserError(f"{checkpoint.folder}: missing weight tensors {listing(missing)}")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
-    return model.eval().requires_grad_(False)
 
 
 def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from starcast.contract.errors import UserError
 from starcast.contract.graph_files import EXTERNAL_DATA_THRESHOLD, INLINE_LIMIT, set_external, weights_file
-from starcast.exporter.checkpoint import IGNORED_SUFFIXES, Checkpoint, iter_tensors, listing
+from starcast.exporter.checkpoint import IGNORED_SUFFIXES, Checkpoint, check_all_used, iter_tensors
 from starcast.exporter.trace import WeightRef
 
 ALIGNMENT = 64 << 10  # ONNX Runtime maps external data whose offset is a multiple of the allocation granularity
@@ -113,14 +113,7 @@ def write_weights(
         if external:
             handle.flush()
             os.fsync(handle.fileno())
-    if unused:
-        raise UserError(
-            f"{checkpoint.folder}: the checkpoint has tensors the config does not use ({listing(sorted(unused))}): "
-            f"config.json does not describe these weights"
-        )
-    missing = sorted(set(shapes) - filled)
-    if missing:
-        raise UserError(f"{checkpoint.folder}: missing weight tensors {listing(missing)}")
+    check_all_used(checkpoint, unused, sorted(set(shapes) - filled))
     graph = proto.graph
     graph.initializer.extend(initializers[ref.name] for ref in refs)
     kept = [value for value in graph.input if value.name not in initializers]

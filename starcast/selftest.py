@@ -157,8 +157,8 @@ def model_checks(folder: Path, manifest, name: str, provider: str, device_id: in
 
 def timings(folder: Path, provider: str, device_id: int, vocab: int) -> dict[str, float]:
     found = {}
-    for label, graph, cuda_graph in (("fused, CUDA graph", "fused", True), ("fused", "fused", False),
-                                     ("plain", "plain", False)):  # fmt: skip
+    runs = (("fused, CUDA graph", "fused", True), ("fused", "fused", False), ("plain", "plain", False))
+    for label, graph, cuda_graph in runs[0 if provider == "cuda" else 1 :]:  # CUDA graphs exist on CUDA only
         generator = Generator.from_pretrained(
             folder, provider=provider, graph=graph, cuda_graph=cuda_graph, device_id=device_id,
             max_length=PROMPT + STEPS + 8,

@@ -251,3 +251,15 @@ def serve_until_stopped(process, ready_url: str, timeout: float):
             except subprocess.TimeoutExpired:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def long_export(tmp_path_factory):
+    """A model with a long context and no end-of-sequence token it could generate: a request runs seconds."""
+    from starcast.pipeline.export import export
+
+    root = tmp_path_factory.mktemp("long")
+    vocab = write_tokenizer(root / "ckpt")
+    save_hf_checkpoint(root / "ckpt", vocab_size=vocab, n_positions=4096, n_embd=64, n_layer=4)
+    export(str(root / "ckpt"), root / "export", fuse_target="cpu")
+    return root / "export"

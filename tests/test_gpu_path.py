@@ -146,7 +146,7 @@ def test_selftest_runs_its_whole_flow_on_the_cpu_and_refuses_cuda_where_there_is
     for what in expected:
         assert names.count(what) == 2, what  # both models
     timings = report["models"]["test"]["decode_ms"]
-    assert set(timings) == {"fused, CUDA graph", "fused", "plain", "transformers eager"}
+    assert set(timings) == {"fused", "plain", "transformers eager"}  # no CUDA graph timing on the CPU (#27)
     assert all(value > 0 for value in timings.values())
     again = starcast("selftest", "--provider", "cpu", "--small", "--report", tmp_path / "r2.json",
                      "--output", tmp_path / "work", timeout=600)  # fmt: skip

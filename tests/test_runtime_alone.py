@@ -40,5 +40,5 @@ def test_commands_that_need_the_exporter_say_which_extra(small_export, tmp_path)
         ("demo",),
         ("check", small_export, "--source", "builtin:tiny-python"),
     ):
-        assert_one_line(runtime_only(*args), 2, "pip install 'starcast[export]'")
+        assert_one_line(runtime_only(*args), 2, "in a starcast clone, pip install '.[export]'")
     assert not (tmp_path / "out").exists()

@@ -108,20 +108,6 @@ def test_eight_concurrent_requests_each_get_what_they_get_alone(served):
         assert list(pool.map(ask, range(8))) == expected
 
 
-@pytest.fixture(scope="module")
-def long_export(tmp_path_factory):
-    """A model with a long context and no end-of-sequence token it could generate: a request runs seconds."""
-    from conftest import save_hf_checkpoint, write_tokenizer
-
-    from starcast.pipeline.export import export
-
-    root = tmp_path_factory.mktemp("long")
-    vocab = write_tokenizer(root / "ckpt")
-    save_hf_checkpoint(root / "ckpt", vocab_size=vocab, n_positions=4096, n_embd=64, n_layer=4)
-    export(str(root / "ckpt"), root / "export", fuse_target="cpu")
-    return root / "export"
-
-
 def test_a_client_that_disconnects_mid_stream_frees_its_row(long_export):
     with server(long_export) as (port, _):
         disconnect_mid_stream(port)

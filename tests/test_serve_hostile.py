@@ -15,27 +15,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from test_serve import PROMPTS, client, get, metric, post, server
 
 from starcast import __version__
 from starcast.runtime.generator import Generator
 
 UPLOAD = 64 << 20  # what each hostile client would send; the limit is 8 MiB
-
-
-@pytest.fixture(scope="module")
-def long_export(tmp_path_factory):
-    """A long context and no end-of-sequence token it could generate: a request runs seconds."""
-    from conftest import save_hf_checkpoint, write_tokenizer
-
-    from starcast.pipeline.export import export
-
-    root = tmp_path_factory.mktemp("long")
-    vocab = write_tokenizer(root / "ckpt")
-    save_hf_checkpoint(root / "ckpt", vocab_size=vocab, n_positions=4096, n_embd=64, n_layer=4)
-    export(str(root / "ckpt"), root / "export", fuse_target="cpu")
-    return root / "export"
 
 
 def rss(pid: int) -> int:

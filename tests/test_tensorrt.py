@@ -84,7 +84,7 @@ def test_format_trt_without_tensorrt_fails_before_any_work(exported, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "starcast: error: TensorRT needs starcast's 'tensorrt' extra (tensorrt is not installed): "
-        "pip install 'starcast[tensorrt]'"
+        "in a starcast clone, pip install '.[tensorrt]'"
     ]
     assert not (tmp_path / "out").exists()
     assert starcast("build-engine", exported / "out").returncode == 2

@@ -44,7 +44,7 @@ def progress(quiet: bool = False):
     return Progress(not quiet)
 
 
-@cli.command("export")
+@cli.command("export", short_help="Export a checkpoint to ONNX, fused and proven against PyTorch.")
 @click.argument("model")
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @dtype_option
@@ -62,7 +62,16 @@ def export_command(
     block_size: str, fmt: str, max_batch: int, max_prompt: int, max_length: int, overwrite: bool, quiet: bool,
 ) -> None:  # fmt: skip
     """Export MODEL (a checkpoint folder, Hub id or builtin:tiny-python) to OUTPUT_DIR as ONNX, proven against
-    PyTorch."""
+    PyTorch.
+
+    \b
+    Example: starcast export builtin:tiny-python out/
+    """
+    if (Path(model).expanduser() / "starcast.json").is_file():
+        raise UserError(
+            f"{model} is a starcast export already; fuse it with `starcast optimize` or quantize it with "
+            "`starcast quantize`"
+        )
     require_export_extra("starcast export")
     engine = None
     if fmt == "trt":
@@ -82,13 +91,17 @@ def export_command(
     click.echo(f"exported {manifest.parameters / 1e6:.1f}M parameters ({dtype}){fused} to {output_dir}")
 
 
-@cli.command("optimize")
+@cli.command("optimize", short_help="Fuse a plain export into a new folder.")
 @click.argument("plain_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @target_option
 @overwrite_option
 def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: bool) -> None:
-    """Fuse an existing plain export into OUTPUT_DIR (PLAIN_DIR is left untouched)."""
+    """Fuse an existing plain export into OUTPUT_DIR (PLAIN_DIR is left untouched).
+
+    \b
+    Example: starcast optimize plain/ fused/ --target cpu
+    """
     require_export_extra("starcast optimize")
     from starcast.contract.manifest import read_manifest
     from starcast.pipeline.derive import optimize_export
@@ -104,7 +117,7 @@ def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: 
     )
 
 
-@cli.command("quantize")
+@cli.command("quantize", short_help="Quantize an export's weights: int4, int8 or int8-dynamic.")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option(
@@ -121,7 +134,11 @@ def optimize_command(plain_dir: Path, output_dir: Path, target: str, overwrite: 
 def quantize_command(
     export_dir: Path, output_dir: Path, quantization: str, block_size: str, eval_text: Path | None, overwrite: bool
 ) -> None:
-    """Weight-only int8/int4 quantization of EXPORT_DIR's graphs into OUTPUT_DIR, with measured accuracy."""
+    """Weight-only int8/int4 quantization of EXPORT_DIR's graphs into OUTPUT_DIR, with measured accuracy.
+
+    \b
+    Example: starcast quantize out/ out-int4/ --quantize int4
+    """
     require_export_extra("starcast quantize")
     from starcast.pipeline.derive import quantize_export
 
@@ -129,12 +146,16 @@ def quantize_command(
     click.echo(json.dumps(manifest.quantization["accuracy"], indent=2))
 
 
-@cli.command("build-engine")
+@cli.command("build-engine", short_help="Build a TensorRT engine inside an export.")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @engine_options
 @click.option("--overwrite", is_flag=True, help="Rebuild an existing engine (reusing its timing cache).")
 def build_engine_command(export_dir: Path, max_batch: int, max_prompt: int, max_length: int, overwrite: bool) -> None:
-    """Build a TensorRT engine (prompt and decode profiles) from EXPORT_DIR's plain graph into EXPORT_DIR/trt."""
+    """Build a TensorRT engine (prompt and decode profiles) from EXPORT_DIR's plain graph into EXPORT_DIR/trt.
+
+    \b
+    Example: starcast build-engine out/ --max-batch 4
+    """
     from starcast.pipeline.engine import build_engine_in_place
     from starcast.runtime.tensorrt.builder import Limits
 
@@ -142,14 +163,18 @@ def build_engine_command(export_dir: Path, max_batch: int, max_prompt: int, max_
     click.echo(f"built {manifest.tensorrt['engine']} with TensorRT {manifest.tensorrt['tensorrt']}")
 
 
-@cli.command("check")
+@cli.command("check", short_help="Re-prove an export: hashes, fused vs plain, vs PyTorch.")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--source", help="The checkpoint to re-prove against (built-in sources are found by name).")
 @click.option("--files-only", is_flag=True, help="Only the sha256 of every file and that each graph loads.")
 @click.option("--trt-ready", is_flag=True, help="Only check that TensorRT's ONNX parser can build the plain graph.")
 def check_command(export_dir: Path, source: str | None, files_only: bool, trt_ready: bool) -> None:
     """Re-prove EXPORT_DIR: file hashes, the fused graph against the plain graph, the plain graph against the
-    PyTorch reference."""
+    PyTorch reference.
+
+    \b
+    Example: starcast check out/
+    """
     if trt_ready:
         from starcast.contract.manifest import read_manifest
         from starcast.runtime.tensorrt.ready import check_trt_ready
@@ -164,14 +189,32 @@ def check_command(export_dir: Path, source: str | None, files_only: bool, trt_re
     from starcast.pipeline.check import check_export
 
     report = check_export(export_dir, source, files_only, progress())
-    click.echo("\n".join(f"{export_dir}: {line}" for line in report.lines))
+    click.echo("\n".join(f"{export_dir}: {line}" for line in [*report.lines, tokenizer_line(export_dir)]))
 
 
-@cli.command("demo")
+def tokenizer_line(export_dir: Path) -> str:
+    """What `check` says of the tokenizer (check_export has loaded it and matched it to the vocabulary already)."""
+    from starcast.runtime.text import Tokenizer
+
+    tokenizer = Tokenizer.from_export(export_dir.expanduser().absolute())
+    if tokenizer is None:
+        return "tokenizer: none (tokenizer.json absent): generate takes --ids only; serve and triton-repo refuse it"
+    try:
+        fim = f"fill-in-the-middle tokens {'/'.join(tokenizer.fim_tokens())}"
+    except UserError:
+        fim = "no fill-in-the-middle tokens"
+    return f"tokenizer ok: tokenizer.json loads, ids up to {tokenizer.largest_id()}, {fim}"
+
+
+@cli.command("demo", short_help="The whole pipeline on the built-in model.")
 @click.option("--output", type=click.Path(path_type=Path), help="Keep the export here (default: a temporary folder).")
-@overwrite_option
+@click.option("--overwrite", is_flag=True, help="Replace the --output folder if it is a starcast export.")
 def demo_command(output: Path | None, overwrite: bool) -> None:
-    """Export the built-in trained model, fuse and prove it, then stream a completion and fill in the middle."""
+    """Export the built-in trained model, fuse and prove it, then stream a completion and fill in the middle.
+
+    \b
+    Example: starcast demo
+    """
     require_export_extra("starcast demo")
     from starcast.demo import run_demo
 
@@ -179,7 +222,7 @@ def demo_command(output: Path | None, overwrite: bool) -> None:
     click.echo(json.dumps(summary, indent=2))
 
 
-@cli.command("selftest")
+@cli.command("selftest", short_help="Prove starcast on this machine's GPU (or on the CPU).")
 @click.option("--provider", type=click.Choice(("cuda", "cpu")), default="cuda", show_default=True)
 @click.option("--device", "device_id", type=click.IntRange(0, 63), default=0, show_default=True, help="GPU index.")
 @click.option("--small", is_flag=True, help="Small models instead of SantaCoder's shape (with --provider cpu: a test).")
@@ -190,7 +233,11 @@ def selftest_command(
     provider: str, device_id: int, small: bool, output: Path | None, report: Path, overwrite: bool
 ) -> None:
     """Prove starcast on this machine's GPU: exports, node placement, CUDA graphs, greedy tokens against a
-    reference, decode timings beside transformers, the bandwidth roofline. Exit 1 if a check fails."""
+    reference, decode timings beside transformers, the bandwidth roofline. Exit 1 if a check fails.
+
+    \b
+    Example: starcast selftest --provider cuda --report selftest.json
+    """
     import tempfile
 
     require_export_extra("starcast selftest")
@@ -214,7 +261,7 @@ def selftest_command(
         sys.exit(1)
 
 
-@cli.command("triton-repo")
+@cli.command("triton-repo", short_help="Write a Triton model repository that serves an export.")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.argument("repo_dir", type=click.Path(path_type=Path))
 @click.option("--name", default="starcoder", show_default=True, help="The model's name in the repository.")
@@ -225,12 +272,16 @@ def selftest_command(
 )
 @click.option("--provider", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
 @click.option("--link", is_flag=True, help="Link the export into the repository instead of copying it.")
-@overwrite_option
+@click.option("--overwrite", is_flag=True, help="Replace REPO_DIR/NAME if it holds only what starcast wrote.")
 def triton_repo_command(
     export_dir: Path, repo_dir: Path, name: str, instances: int, max_batch: int, max_queue: int, provider: str,
     link: bool, overwrite: bool,
 ) -> None:  # fmt: skip
-    """Write a Triton Inference Server model repository (Python backend, decoupled) that serves EXPORT_DIR."""
+    """Write a Triton Inference Server model repository (Python backend, decoupled) that serves EXPORT_DIR.
+
+    \b
+    Example: starcast triton-repo out/ model_repository --name starcoder
+    """
     from starcast.triton.repository import write_repository
 
     target = write_repository(export_dir, repo_dir, name, instances, max_batch, max_queue, provider, link, overwrite)

@@ -25,7 +25,8 @@ class MissingExtra(UserError):
 
     def __init__(self, what: str, extra: str, module: str):
         super().__init__(
-            f"{what} needs starcast's '{extra}' extra ({module} is not installed): pip install 'starcast[{extra}]'"
+            f"{what} needs starcast's '{extra}' extra ({module} is not installed): in a starcast clone, "
+            f"pip install '.[{extra}]'"
         )
 
 

@@ -54,6 +54,18 @@ class Accuracy:
         )
 
 
+def prompt_feeds(config: GPTBigCodeConfig, ids: np.ndarray, dtype) -> dict[str, np.ndarray]:
+    """A plain graph's inputs for one unpadded row of `ids` [1, n] with no past."""
+    feeds = {
+        io.INPUT_IDS: ids,
+        io.ATTENTION_MASK: np.ones_like(ids),
+        io.POSITION_IDS: np.arange(ids.shape[1], dtype=np.int64)[None],
+    }
+    for name, _ in io.merged_cache_names(config.n_layer):
+        feeds[name] = np.zeros(config.cache_shape(1, 0), dtype)
+    return feeds
+
+
 def window_nll(session, config: GPTBigCodeConfig, tokens: np.ndarray, dtype, window: int = 256) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over consecutive windows of `window` tokens (plain graph)."""
     window = min(config.n_positions, window)
@@ -63,14 +75,7 @@ def window_nll(session, config: GPTBigCodeConfig, tokens: np.ndarray, dtype, win
         if len(ids) < 2:
             break
         inputs, targets = ids[None, :-1], ids[1:]
-        feeds = {
-            io.INPUT_IDS: inputs,
-            io.ATTENTION_MASK: np.ones_like(inputs),
-            io.POSITION_IDS: np.arange(inputs.shape[1], dtype=np.int64)[None],
-        }
-        for name, _ in io.merged_cache_names(config.n_layer):
-            feeds[name] = np.zeros(config.cache_shape(1, 0), dtype)
-        logits = session.run([io.LOGITS], feeds)[0][0].astype(np.float64)
+        logits = session.run([io.LOGITS], prompt_feeds(config, inputs, dtype))[0][0].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
         total -= float(log_probs[np.arange(len(targets)), targets].sum())
@@ -127,13 +132,7 @@ def measure(
 
 def teacher_forced(sessions, config: GPTBigCodeConfig, prompt: np.ndarray, dtype) -> tuple[float, float]:
     """Top-1 agreement and the largest logit difference of two graphs scoring the same tokens in one pass."""
-    feeds = {
-        io.INPUT_IDS: prompt,
-        io.ATTENTION_MASK: np.ones_like(prompt),
-        io.POSITION_IDS: np.arange(prompt.shape[1], dtype=np.int64)[None],
-    }
-    for name, _ in io.merged_cache_names(config.n_layer):
-        feeds[name] = np.zeros(config.cache_shape(1, 0), dtype)
+    feeds = prompt_feeds(config, prompt, dtype)
     expected, ours = (session.run([io.LOGITS], feeds)[0][0].astype(np.float64) for session in sessions)
     if not (np.isfinite(expected).all() and np.isfinite(ours).all()):
         raise ParityError("the quantized or the float graph produced NaN or infinite logits")

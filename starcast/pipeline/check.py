@@ -55,7 +55,7 @@ def check_export(
         with progress.stage("verify-fused", f"{manifest.fused.model} vs {manifest.plain.model}, ONNX Runtime CPU"):
             proof = prove_fused(folder, manifest, manifest.fused)
         report.lines.append(
-            f"fused parity ok: {proof.measured['max_error']:.2e} ({proof.kind}, tolerance {proof.tolerance:.1e})"
+            f"fused parity ok: {proof.measured['max_error']:.2e} ({proof.kind}, tolerance {proof.tolerance:.0e})"
         )
     if manifest.quantization is not None:
         return check_quantized(folder, manifest, report, progress, asked=source is not None)
@@ -70,7 +70,7 @@ def check_export(
     except ImportError:
         if asked:
             raise MissingExtra("re-proving against the PyTorch reference", "export", "torch") from None
-        report.lines.append("reference parity not re-run: it needs PyTorch (pip install 'starcast[export]')")
+        report.lines.append("reference parity not re-run: it needs PyTorch (pip install '.[export]' in a clone)")
         return report
     from starcast.pipeline.proof import reference_parity
 

@@ -91,7 +91,7 @@ def add_quantization(
     try:
         counts = {}
         for name in graphs:
-            with progress.stage("quantize", f"{name}: {quantization}, block {block_size}"):
+            with progress.stage("quantize", f"{name}: {quantization}{f', block {block_size}' * (quantization != 'int8-dynamic')}"):  # noqa: E501
                 target = confine(folder, name, str(folder))
                 plain = folder / manifest.plain.model
                 share = plain if name != manifest.plain.model and plain.parent == target.parent else None

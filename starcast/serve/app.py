@@ -182,8 +182,9 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, grace: float 
             engine.submit(request)
         except QueueFull as exc:
             return fail(503, f"the server is busy: {exc}", "server_busy")
-        except UserError as exc:
-            return fail(400, str(exc), "invalid_request_error", "prompt")
+        except UserError as exc:  # the prompt and max_tokens against the maximum length, or the vocabulary
+            fits = len(completion.prompt) < engine.max_length and "max_tokens" in str(exc)  # the prompt alone fits
+            return fail(400, str(exc), "invalid_request_error", "max_tokens" if fits else "prompt")
         responses = Responses(model_name)
         if completion.stream:
             metrics.requests.labels("200").inc()

@@ -48,14 +48,17 @@ def builtin_export(source: str, progress=None) -> Path:
     return folder
 
 
-def check_port(host: str, port: int) -> None:
+def bind_port(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (port 0: the system picks one, which is reported)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({(exc.strerror or str(exc)).lower()})") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port} ({(exc.strerror or str(exc)).lower()})") from None
+    return listener
 
 
 def serve(
@@ -73,7 +76,8 @@ def serve(
     check_export_files(folder, manifest)
     if Tokenizer.from_export(folder) is None:
         raise UserError(f"{folder}: the export has no tokenizer.json, which the completions API needs")
-    check_port(host, port)
+    listener = bind_port(host, port)
+    port = listener.getsockname()[1]
     name = model_name or (target.removeprefix(PREFIX) if target.startswith(PREFIX) else folder.name)
     server: uvicorn.Server | None = None
 
@@ -100,7 +104,8 @@ def serve(
     # uvicorn handles SIGTERM (a graceful shutdown), then raises it again for the previous handler: a finished
     # shutdown is a normal exit, not the CLI's "terminated".
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    with listener:
+        server.run(sockets=[listener])
     error = app.state.starcast.error
     if error:
         raise UserError(error)

@@ -112,11 +112,13 @@ def stop_strings(body: dict) -> list[str]:
 
 def unsupported(body: dict) -> None:
     """Options starcast does not implement are refused, not silently ignored, unless they ask for nothing."""
-    for name, neutral in (("n", 1), ("best_of", 1), ("echo", False), ("logprobs", 0), ("presence_penalty", 0),
+    for name, neutral in (("n", 1), ("best_of", 1), ("echo", False), ("presence_penalty", 0),
                           ("frequency_penalty", 0)):  # fmt: skip
         value = body.get(name)
         if value is not None and value != neutral:
             raise BadRequest(f"{name}={value!r} is not supported (only {neutral!r})", name)
+    if body.get("logprobs") is not None:  # even 0 asks for the chosen tokens' log probabilities
+        raise BadRequest(f"logprobs={body['logprobs']!r} is not supported (only null)", "logprobs")
     if body.get("logit_bias"):
         raise BadRequest("logit_bias is not supported", "logit_bias")
 

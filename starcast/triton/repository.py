@@ -22,6 +22,7 @@ from starcast.contract.errors import UserError
 from starcast.contract.manifest import read_manifest, verify_files
 from starcast.contract.paths import read_text_prefix
 from starcast.pipeline.folders import atomic_folder, check_output, recover
+from starcast.runtime.text import Tokenizer
 
 MODEL_SOURCE = Path(__file__).with_name("model.py")
 EXPORT = "export"
@@ -147,6 +148,8 @@ def write_repository(
     source = export_dir.expanduser().absolute()
     manifest = read_manifest(source)
     verify_files(source, manifest)
+    if Tokenizer.from_export(source) is None:  # the Triton model refuses to load without one: refuse it here
+        raise UserError(f"{export_dir}: the export has no tokenizer.json, which the Triton model needs")
     repo_dir = repo_dir.expanduser().absolute()
     fill = lambda folder: fill_model_folder(  # noqa: E731
         folder, source, manifest, name, instances, max_batch, max_queue, provider, link
