@@ -91,14 +91,14 @@ def write_random_shards(
             for name, shape in shard:
                 count = int(np.prod(shape))
                 for start in range(0, count, CHUNK):
-                    offset = int(rng.integers(CHUNK))
-                    part = pool[offset : offset + min(CHUNK, count - start)]
+                    at = int(rng.integers(CHUNK))
+                    part = pool[at : at + min(CHUNK, count - start)]
                     if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                         part = 1.0 + 0.1 * part
                     else:
                         part = 0.02 * part
                     handle.write(part.astype(np_name).tobytes())
-        total += offset
+        total += sum(int(np.prod(shape)) * size for _, shape in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")

@@ -15,19 +15,23 @@ import torch
 from torch import nn
 
 from starcast.contract.errors import UserError
-from starcast.exporter.checkpoint import Checkpoint, set_parameter
+from starcast.exporter.checkpoint import IGNORED_SUFFIXES, Checkpoint, check_all_used, set_parameter
 from starcast.exporter.model import Block, GPTBigCode
+from starcast.exporter.weights import checked
 
 
 class TensorSource:
     """Checkpoint tensors by parameter name, read from their shard when asked (safetensors are mapped)."""
 
     def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
         self.where: dict[str, tuple[Path, str]] = {}
         self.bins: dict[Path, dict[str, torch.Tensor]] = {}
         for file in checkpoint.weight_files:
             for raw_name in self._names(file):
                 name = raw_name if raw_name.startswith(("transformer.", "lm_head.")) else f"transformer.{raw_name}"
+                if name in self.where:
+                    raise UserError(f"{checkpoint.folder}: tensor {raw_name} appears twice")
                 self.where[name] = (file, raw_name)
 
     def _names(self, file: Path) -> list[str]:
@@ -39,16 +43,17 @@ class TensorSource:
         self.bins[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         return list(self.bins[file])
 
-    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The tensor cast to `dtype`, with the checks the export made (shape, floating point, finite)."""
         if name not in self.where:
-            raise UserError(f"the checkpoint has no tensor {name}")
+            raise UserError(f"{self.checkpoint.folder}: missing weight tensors {name}")
         file, raw_name = self.where[name]
         if file in self.bins:
-            return self.bins[file][raw_name].to(dtype)
+            return checked(self.checkpoint, raw_name, self.bins[file][raw_name], shape, dtype)
         from safetensors import safe_open
 
         with safe_open(file, framework="pt") as handle:
-            return handle.get_tensor(raw_name).to(dtype)
+            return checked(self.checkpoint, raw_name, handle.get_tensor(raw_name), shape, dtype)
 
 
 class LazyBlocks(nn.Module):
@@ -71,10 +76,18 @@ class StreamedReference:
         self.config = checkpoint.config
         self.dtype = dtype
         self.source = TensorSource(checkpoint)
+        with torch.device("meta"):
+            expected = set(dict(GPTBigCode(self.config).named_parameters(remove_duplicate=True)))
+        tied = self.config.tie_word_embeddings
+        unused = [raw for name, (_, raw) in self.source.where.items()
+                  if name not in expected and not name.endswith(IGNORED_SUFFIXES)
+                  and not (tied and name == "lm_head.weight")]  # fmt: skip
+        check_all_used(checkpoint, unused, sorted(expected - set(self.source.where)))
 
     def _fill(self, module: nn.Module, prefix: str) -> nn.Module:
-        for name, _ in list(module.named_parameters(remove_duplicate=True)):
-            set_parameter(module, name, self.source.get(f"{prefix}{name}", self.dtype))
+        for name, parameter in list(module.named_parameters(remove_duplicate=True)):
+            tensor = self.source.get(f"{prefix}{name}", tuple(parameter.shape), self.dtype)
+            set_parameter(module, name, tensor)
         return module.eval().requires_grad_(False)
 
     def block(self, index: int) -> Block:

@@ -81,7 +81,8 @@ def check_options(quantization: str, block_size: int) -> int:
 
 
 def quantize_graph(
-    source: Path, target: Path, quantization: str, block_size: int, share_with: Path | None = None
+    source: Path, target: Path, quantization: str, block_size: int, share_with: Path | None = None,
+    accuracy_level: int = 4,
 ) -> dict[str, int]:
     """Quantize the graph at `source` into `target`, one weight at a time (read from the mapped weights file,
     quantized a few columns at a time, written to `target`'s weights file); tensors equal to `share_with`'s
@@ -109,7 +110,8 @@ def quantize_graph(
             if quantization == DYNAMIC:
                 kernel, tensors = dynamic_int8(node, name, weight, writer)
             else:
-                kernel, tensors = matmul_nbits(node, name, weight, writer, QUANTIZATIONS[quantization], block_size)
+                bits = QUANTIZATIONS[quantization]
+                kernel, tensors = matmul_nbits(node, name, weight, writer, bits, block_size, accuracy_level)
             made.extend(tensors)
             graph.node.remove(node)
             graph.node.insert(index, kernel)
@@ -149,7 +151,8 @@ def column_chunks(weight: np.ndarray) -> range:
 
 
 def matmul_nbits(
-    node: onnx.NodeProto, name: str, weight: np.ndarray, writer: TensorWriter, bits: int, block_size: int
+    node: onnx.NodeProto, name: str, weight: np.ndarray, writer: TensorWriter, bits: int, block_size: int,
+    accuracy_level: int = 4,
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """MatMul(x, W) -> MatMulNBits(x, W_Q, scales): ONNX Runtime's own block quantization kernel (the one its
     MatMulNBitsQuantizer calls), symmetric, column by column: each block lies within one column."""
@@ -181,7 +184,7 @@ def matmul_nbits(
     kernel = onnx.helper.make_node(
         "MatMulNBits", [node.input[0], quantized.name, scale_tensor.name], list(node.output),
         name=f"{node.name}_Q{bits}", domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=block_size,
-        accuracy_level=SETTINGS["accuracy_level"],
+        accuracy_level=accuracy_level,
     )  # fmt: skip
     return kernel, [quantized, scale_tensor]
 

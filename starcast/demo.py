@@ -29,17 +29,18 @@ def highlight(text: str, out) -> str:
     return f"\033[1m{text}\033[0m" if out.isatty() else f"«{text}»"
 
 
-def run_demo(output: Path | None = None, overwrite: bool = False, out=sys.stdout) -> dict[str, Any]:
+def run_demo(output: Path | None = None, overwrite: bool = False, out=sys.stdout, progress: Progress | None = None
+             ) -> dict[str, Any]:  # fmt: skip
     if output is not None:
-        return demo_in(output, overwrite, out, kept=True)
+        return demo_in(output, overwrite, out, kept=True, progress=progress)
     with tempfile.TemporaryDirectory(prefix="starcast-demo-") as scratch:
-        return demo_in(Path(scratch) / "export", False, out, kept=False)
+        return demo_in(Path(scratch) / "export", False, out, kept=False, progress=progress)
 
 
-def demo_in(folder: Path, overwrite: bool, out, kept: bool) -> dict[str, Any]:
+def demo_in(folder: Path, overwrite: bool, out, kept: bool, progress: Progress | None = None) -> dict[str, Any]:
     from starcast.runtime.generator import Generator
 
-    manifest = export(MODEL, folder, overwrite=overwrite, fuse_target="cpu", progress=Progress())
+    manifest = export(MODEL, folder, overwrite=overwrite, fuse_target="cpu", progress=progress or Progress())
     generator = Generator.from_pretrained(folder)
     options = dict(max_new_tokens=64, stop_strings=["\nclass ", "\n\n\n"], **OPTIONS)
 

@@ -2,9 +2,10 @@
 
 - The trace of StarCoder-15.5B's shape (31 GB of fp16 weights) runs in a subprocess in well under 1 GiB of
   anonymous memory: the graph is traced without the weights.
-- A 100M-parameter fp32 export (410 MB of weights), plain + fused + int4, peaks at most 0.25 x its weights above
-  what the same export of a 2-layer test model peaks at (imports, ONNX Runtime, PyTorch): a copy of the model
-  anywhere in the pipeline (a protobuf, onnx_ir, the quantizer, an ONNX Runtime session) would exceed it.
+- A 100M-parameter fp32 export (410 MB of weights), plain + fused + int4, stays within issue 23's bound and
+  peaks at most half its weights above what the same export of a 2-layer test model peaks at (imports, ONNX
+  Runtime, PyTorch): a copy of the model anywhere in the pipeline (a protobuf, onnx_ir, the quantizer, an ONNX
+  Runtime session) would exceed it.
 - The streamed weights and reference equal the in-memory ones (the tiny-model proofs elsewhere stay as they were).
 """
 
@@ -60,10 +61,15 @@ def test_a_100m_export_peaks_within_a_quarter_of_its_weights_above_a_tiny_one(hu
     for extra in ([], ["--quantize", "int4"]):
         baseline = peak_of("export", str(hundred_m / "small"), str(hundred_m / "small-out"), "--overwrite", *extra)
         peak = peak_of("export", str(hundred_m / "100m"), str(hundred_m / "out"), "--overwrite", *extra)
-        assert peak - baseline <= 0.25 * weights, f"{extra}: {(peak - baseline) / MIB:.0f} MiB above the tiny export"
-    manifest = json.loads((hundred_m / "out" / "starcast.json").read_text())
-    # large enough for the low-memory proof form, and the manifest says it ran
-    assert manifest["fused"]["parity"]["session"] == "low-memory"
+        assert peak <= 0.25 * weights + 1024 * MIB  # issue 23's bound
+        # stricter: above the tiny export, a copy of the model (`weights`) anywhere would exceed half of it; what
+        # may be there is a quantized graph's prepacked weights (an eighth of fp32 ones) and activations
+        assert peak - baseline <= 0.5 * weights, f"{extra}: {(peak - baseline) / MIB:.0f} MiB above the tiny export"
+        manifest = json.loads((hundred_m / "out" / "starcast.json").read_text())
+        if not extra:  # large enough for the low-memory proof form, and the manifest says it ran
+            assert manifest["parity"]["session"] == manifest["fused"]["parity"]["session"] == "low-memory"
+    # int8 activations (the fast kernel) fit the bound here, so the quantized graphs are proven as they run
+    assert manifest["quantization"]["accuracy_level"] == 4 and manifest["fused"]["parity"]["session"] == "default"
     assert manifest["quantization"]["accuracy"]["agreement_form"] == "teacher-forced"
 
 

@@ -17,6 +17,7 @@ import click
 from conftest import OFFLINE, copy_export, rewrite_manifest, run_in_process, serve_until_stopped
 
 from starcast.cli.app import cli
+from starcast.runtime.text import Tokenizer
 
 
 def user_error(code: int, err: str, *words: str) -> None:
@@ -148,3 +149,55 @@ def test_serve_on_port_zero_prints_the_bound_port_and_names_params_right(small_e
             assert (status, body["error"]["param"]) == (400, "logprobs"), body
             status, body = post_json(port, {"model": "any-name", "prompt": [1, 2], "max_tokens": 2})
             assert status == 200 and body["model"] == small_export.name, body  # the name is not checked (README)
+            # Fill in the middle: `suffix`, or the FIM tokens written into `prompt` (what most IDE plugins send).
+            fim = {"prompt": "def f(", "suffix": "):\n    return x\n", "max_tokens": 6, "temperature": 0}
+            written = Tokenizer.from_export(small_export).fim_prompt(fim["prompt"], fim["suffix"])
+            assert "<fim_prefix>" in written
+            by_suffix = post_json(port, fim)
+            by_prompt = post_json(port, {"prompt": written, "max_tokens": 6, "temperature": 0})
+            assert by_suffix[0] == 200 and by_prompt[1]["choices"][0]["text"] == by_suffix[1]["choices"][0]["text"]
+            assert by_prompt[1]["usage"] == by_suffix[1]["usage"]
+
+
+# -- progress on a terminal ------------------------------------------------------------------------------------
+
+
+def on_a_terminal(args: list[str], timeout: float = 300) -> str:
+    """Run a command with stderr (and stdout) on a real pseudo-terminal; what it wrote there."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=OFFLINE)
+    os.close(follower)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=30) == 0, b"".join(chunks)
+    return b"".join(chunks).decode()
+
+
+def test_a_running_stage_counts_its_seconds_on_a_terminal():
+    code = (
+        "import time\nfrom starcast.cli.ticker import TerminalProgress\np = TerminalProgress()\np.interval = 0.2\n"
+        "with p.stage('trace', '6 layers'):\n    time.sleep(1.1)\np.say('after')\n"
+    )
+    shown = on_a_terminal([sys.executable, "-c", code])
+    assert shown.count("\r[trace] 6 layers ... ") >= 3, repr(shown)  # counts up in place
+    lines = shown.replace("\r\n", "\n").split("\n")
+    assert any(line.startswith("[trace] done in") for line in lines) and "after" in lines, repr(shown)
+
+
+def test_off_a_terminal_the_stage_lines_are_plain_and_on_one_each_stage_still_ends(small_export, tmp_path):
+    code, _, err = run_in_process("check", small_export, "--files-only")
+    assert code == 0 and "\r" not in err and re.search(r"^\[files\] .* \.\.\.\n\[files\] done in", err, re.M), err
+    shown = on_a_terminal([sys.executable, "-m", "starcast", "export", "builtin:tiny-python", tmp_path / "e"])
+    assert "[trace] done in" in shown and "[verify] done in" in shown, repr(shown)

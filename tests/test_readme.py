@@ -41,15 +41,17 @@ SKIP = re.compile(r"<!-- readme-test: skip \((.+?)\) -->\s*$")
 
 
 def readme_blocks(language: str) -> list[tuple[str, str | None]]:
-    """Every fenced block of `language`: (code, the reason it is skipped, from a marker line just before it)."""
+    """Every fenced block of `language` ("" for a bare fence): (code, the reason it is skipped, from a marker line
+    just before it)."""
     lines, blocks = (ROOT / "README.md").read_text().splitlines(), []
     index = 0
     while index < len(lines):
-        if lines[index].strip() == f"```{language}":
+        if lines[index].startswith("```"):
             end = lines.index("```", index + 1)
-            before = next((line for line in reversed(lines[:index]) if line.strip()), "")
-            marker = SKIP.search(before)
-            blocks.append(("\n".join(lines[index + 1 : end]) + "\n", marker.group(1) if marker else None))
+            if lines[index][3:].strip() == language:
+                before = next((line for line in reversed(lines[:index]) if line.strip()), "")
+                marker = SKIP.search(before)
+                blocks.append(("\n".join(lines[index + 1 : end]) + "\n", marker.group(1) if marker else None))
             index = end
         index += 1
     return blocks
@@ -118,3 +120,39 @@ def test_the_commands_table_lists_every_command_option_and_argument():
         assert listed == options, (name, "missing:", options - listed, "not an option:", listed - options)
         for argument in (p.name.upper() for p in command.params if isinstance(p, click.Argument)):
             assert argument in rows[name], (name, argument)
+
+
+def test_the_readme_curl_example_gets_a_completion(readme_folder):
+    """The shell example that runs on a CPU: the server's curl request (the other shell blocks install, start
+    long-running servers, need a GPU or Triton, or show a transcript, which `starcast demo`'s test checks)."""
+    import json
+    import shutil
+
+    (code,) = [code for code, _ in readme_blocks("") if code.startswith("curl http://127.0.0.1:8000/v1/completions")]
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    (port,) = free_ports()
+    command = [sys.executable, "-m", "starcast", "serve", str(readme_folder / "out"), "--port", str(port)]
+    with started(command, f"http://127.0.0.1:{port}/health"):
+        shell = code.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["choices"][0]["text"] and answer["usage"]["completion_tokens"] >= 1, answer
+
+
+def shape(text: str) -> list[str]:
+    """The transcript with its figures and the model's folder masked: what every run prints the same."""
+    text = re.sub(r"^\[weights\] \S+ ->", "[weights] MODEL ->", text, flags=re.M)
+    return re.sub(r"\d+(\.\d+)?(e[-+]\d+)?", "N", text).rstrip().splitlines()
+
+
+def test_starcast_demo_prints_the_readme_transcript_but_for_its_figures(tmp_path):
+    block = (ROOT / "README.md").read_text().split("<!-- demo-transcript -->\n```\n", 1)[1].split("\n```", 1)[0]
+    assert block.startswith("$ starcast demo\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "starcast", "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=OFFLINE, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert shape(result.stdout) == shape(block.removeprefix("$ starcast demo\n"))

@@ -102,18 +102,22 @@ def test_check_passes_on_a_quantized_export_it_made(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "q" / "starcast.json").read_text())
-    # the float graph's own proof, with its tolerance: no tolerance widened by the quantization's distance
-    assert manifest["parity"]["tolerance"] == 1e-4 and manifest["parity"]["quantized_vs_float"] > 0
+    # the quantized graph's proof is against its recorded logits; the float graph's proof is kept, with its own
+    # tolerance: no tolerance widened by the quantization's distance
+    parity = manifest["parity"]
+    assert parity["against"] == "recorded logits" and parity["tolerance"] == 2e-2 and parity["quantized_vs_float"] > 0
+    assert parity["float_graph_proof"]["tolerance"] == 1e-4 and parity["float_graph_proof"]["passed"]
     assert manifest["quantization"]["recorded_logits"] in manifest["files"]
+    assert manifest["quantization"]["accuracy_level"] == 4  # a small model: the fast kernel, proven as it runs
     result = starcast("check", tmp_path / "q", "--source", folder)
     assert result.returncode == 0, result.stderr
     assert "fused parity ok" in result.stdout and "recorded-logits parity" in result.stdout
-    assert "reference parity of the float graph before quantization" in result.stdout.splitlines()[-1]
+    assert "reference parity of the float graph before quantization" in result.stdout
 
 
 def test_check_fails_a_quantized_graph_that_no_longer_computes_its_recorded_logits(tmp_path):
-    """The quantized proof can fail: logits 1% off (as a changed graph or kernel would give) with a manifest
-    whose hashes agree are a failed proof, exit 1."""
+    """The quantized proof can fail: logits 10% off (as a changed graph would give) with a manifest whose hashes
+    agree are a failed proof, exit 1; so are recorded decode tokens of the wrong shape."""
     import hashlib
 
     import numpy as np
@@ -123,12 +127,17 @@ def test_check_fails_a_quantized_graph_that_no_longer_computes_its_recorded_logi
     export = tmp_path / "out"
     manifest = json.loads((export / "starcast.json").read_text())
     name = manifest["quantization"]["recorded_logits"]
-    np.save(export / name, np.load(export / name) * 1.01)
-    manifest["files"][name] = hashlib.sha256((export / name).read_bytes()).hexdigest()
-    (export / "starcast.json").write_text(json.dumps(manifest))
-    result = starcast("check", export)
-    assert result.returncode == 1, result.stderr
-    assert "recorded-logits parity" in result.stderr and "FAILED" in result.stderr
+    with np.load(export / name) as archive:
+        recorded = dict(archive)
+    assert starcast("check", export).returncode == 0
+    for logits, next_ids in ((recorded["logits"] * 1.1, recorded["next_ids"]), (recorded["logits"], np.zeros(3))):
+        with (export / name).open("wb") as handle:
+            np.savez(handle, logits=logits, next_ids=next_ids)
+        manifest["files"][name] = hashlib.sha256((export / name).read_bytes()).hexdigest()
+        (export / "starcast.json").write_text(json.dumps(manifest))
+        result = starcast("check", export)
+        assert result.returncode == 1, result.stderr
+        assert "recorded-logits parity" in result.stderr and "FAILED" in result.stderr
 
 
 def test_corrupt_side_files_are_refused_at_export(tmp_path):

@@ -39,9 +39,9 @@ def refuse_fp32_cuda(dtype: str) -> None:
 
 
 def progress(quiet: bool = False):
-    from starcast.pipeline.progress import Progress
+    from starcast.cli.ticker import TerminalProgress
 
-    return Progress(not quiet)
+    return TerminalProgress(not quiet)
 
 
 @cli.command("export", short_help="Export a checkpoint to ONNX, fused and proven against PyTorch.")
@@ -218,7 +218,7 @@ def demo_command(output: Path | None, overwrite: bool) -> None:
     require_export_extra("starcast demo")
     from starcast.demo import run_demo
 
-    summary = run_demo(output, overwrite)
+    summary = run_demo(output, overwrite, progress=progress())
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -157,8 +157,8 @@ def serve_command(
     \b
     Example: starcast serve builtin:tiny-python --port 8000
     """
-    from starcast.pipeline.progress import Progress
+    from starcast.cli.ticker import TerminalProgress
     from starcast.serve.main import serve
 
     serve(model, host, port, max_batch, max_queue, provider, device_id, max_length, threads, grace, model_name,
-          Progress())  # fmt: skip
+          TerminalProgress())  # fmt: skip

@@ -98,17 +98,20 @@ def check_quantized(folder: Path, manifest, report: CheckReport, progress: Progr
     if name != RECORDED_LOGITS or name not in manifest.files:
         raise UserError(f"{folder}: a quantized export without its recorded logits cannot be re-proven: re-export it")
     try:
-        recorded = np.load(confine(folder, name, str(folder)), allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{folder}: {name} is not a numpy array file ({exc})") from None
+        with np.load(confine(folder, name, str(folder)), allow_pickle=False) as archive:
+            recorded = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{folder}: {name} is not a numpy .npz archive ({exc})") from None
     with progress.stage("verify", f"{manifest.plain.model} against its recorded logits, ONNX Runtime CPU"):
         proof = recorded_parity(manifest.path(folder, manifest.plain.model), manifest.config, manifest.dtype, recorded)
     line = f"recorded-logits parity: {proof.measured['max_error']:.2e} ({proof.kind}, tolerance {proof.tolerance:.0e})"
     if not proof.passed:
         raise ParityError(f"FAILED {line}: the quantized graph does not compute what it computed when it was made")
     report.lines.append(f"{line} ok")
-    measured = manifest.plain.parity.measured
-    errors = [measured.get(key, float("nan")) for key in ("prompt_error", "decode_error")]
+    float_proof = manifest.plain.parity.measured.get("float_graph_proof")
+    measured = float_proof if isinstance(float_proof, dict) else {}
+    errors = [measured.get(key) for key in ("prompt_error", "decode_error")]
+    errors = [float(e) if isinstance(e, (int, float)) else float("nan") for e in errors]
     why = ": the float graph is not in the export" if asked else ""
     report.lines.append(
         f"reference parity of the float graph before quantization (recorded, not re-run{why}): "

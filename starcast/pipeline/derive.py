@@ -13,17 +13,23 @@ from starcast.contract.errors import UserError
 from starcast.contract.manifest import Manifest, read_manifest, verify_files, write_manifest
 from starcast.graphs.quantize import check_options
 from starcast.pipeline.derived import add_fused, add_quantization
+from starcast.pipeline.export import check_room, export_bytes
 from starcast.pipeline.folders import atomic_folder, check_output
 from starcast.pipeline.progress import QUIET, Progress
 from starcast.runtime.generator import check_export_files
 
 
-def derive_export(source: Path, output: Path, overwrite: bool, change: Callable[[Path, Manifest], None]) -> Manifest:
+def derive_export(
+    source: Path, output: Path, overwrite: bool, change: Callable[[Path, Manifest], None], extra_bytes: int = 0
+) -> Manifest:
+    """A new export folder: `source`'s files copied, then `change`d (it writes about `extra_bytes` more)."""
     source = source.expanduser().absolute()
     manifest = read_manifest(source)
     output = check_output(output, overwrite, inputs=(source,))
     verify_files(source, manifest)
     check_export_files(source, manifest)  # the recorded config describes config.json and the graph's tables
+    copied = sum(manifest.path(source, name).stat().st_size for name in manifest.files)
+    check_room(output, copied + extra_bytes + (1 << 20))
     with atomic_folder(output, overwrite) as tmp:
         for name in manifest.files:
             target = tmp.joinpath(*PurePosixPath(name).parts)  # `name` was confined when the manifest was read
@@ -64,4 +70,6 @@ def quantize_export(
     def quantize(folder: Path, manifest: Manifest) -> None:
         add_quantization(folder, manifest, quantization, block_size, eval_text, progress)
 
-    return derive_export(source, output, overwrite, quantize)
+    quantized = export_bytes(manifest.config, manifest.dtype, (quantization, block_size))
+    floats = export_bytes(manifest.config, manifest.dtype, None)
+    return derive_export(source, output, overwrite, quantize, extra_bytes=max(0, quantized - floats))

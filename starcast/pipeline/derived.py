@@ -21,6 +21,7 @@ from starcast.pipeline.accuracy import eval_tokens_for, measure
 from starcast.pipeline.progress import QUIET, Progress
 from starcast.pipeline.proof import (
     RECORDED_LOGITS,
+    RECORDED_TOLERANCE,
     TOLERANCES,
     graph_parity,
     parity_inputs,
@@ -72,6 +73,17 @@ def move_aside(folder: Path, names: list[str]) -> Path:
     return floats
 
 
+def accuracy_level(folder: Path, manifest: Manifest, bits: int, block_size: int) -> int:
+    """MatMulNBits' accuracy_level: 4 (int8 activations, the fast CPU kernels) where its prepacked weights fit
+    the export's memory bound (0.25 x the float weights + 1 GiB, with room for the rest), else 0 (fp32
+    activations): the proofs must run the kernel `generate` runs, and level 4's runs only prepacked."""
+    plain = folder / manifest.plain.model
+    float_bytes = sum(f.stat().st_size for f in folder.glob(weights_file(manifest.plain.model))) or plain.stat().st_size
+    element = 2 if manifest.dtype == "fp16" else 4
+    quantized = manifest.config.parameter_count() * (bits / 8 + element / block_size)
+    return 4 if quantized <= 0.25 * float_bytes + (256 << 20) else 0
+
+
 def add_quantization(
     folder: Path, manifest: Manifest, quantization: str, block_size: int, eval_text: Path | None,
     progress: Progress = QUIET,
@@ -87,6 +99,7 @@ def add_quantization(
     config, dtype = manifest.config, manifest.dtype
     tokens = eval_tokens_for(folder, manifest.source, eval_text)
     graphs = [g.model for g in manifest.graphs]
+    level = accuracy_level(folder, manifest, bits, block_size)
     floats = move_aside(folder, graphs)
     try:
         counts = {}
@@ -95,7 +108,9 @@ def add_quantization(
                 target = confine(folder, name, str(folder))
                 plain = folder / manifest.plain.model
                 share = plain if name != manifest.plain.model and plain.parent == target.parent else None
-                counts[name] = quantize_graph(floats / name, target, quantization, block_size, share_with=share)
+                counts[name] = quantize_graph(
+                    floats / name, target, quantization, block_size, share_with=share, accuracy_level=level
+                )
         plain_float, plain_quantized = floats / manifest.plain.model, folder / manifest.plain.model
         with progress.stage("accuracy", "quantized vs float, ONNX Runtime CPU"):
             accuracy = measure(plain_float, plain_quantized, config, dtype, tokens)
@@ -106,14 +121,16 @@ def add_quantization(
         progress.say(accuracy.summary())
     finally:
         shutil.rmtree(floats, ignore_errors=True)
-    # The float graph's proof against the reference stays; the quantized graph is proven from now on against the
-    # logits it gives now (`starcast check`), which a changed graph cannot match.
-    float_proof = manifest.plain.parity
+    # From now on the quantized graph is proven against the logits it gives now (`starcast check`), which a changed
+    # graph cannot match; the float graph's proof against the reference is kept beside it.
+    logits, next_ids = recorded_logits(plain_quantized, config, dtype)
+    np.savez(folder / RECORDED_LOGITS, logits=logits, next_ids=next_ids)
+    kind, tolerance = RECORDED_TOLERANCE
     manifest.plain.parity = Proof(
-        float_proof.kind, float_proof.tolerance, float_proof.passed,
-        {**float_proof.measured, "graph": "float, before quantization", "quantized_vs_float": distance},
+        kind, tolerance, True,
+        {"against": "recorded logits", "max_error": 0.0, "quantized_vs_float": distance,
+         "float_graph_proof": manifest.plain.parity.to_json()},
     )  # fmt: skip
-    np.save(folder / RECORDED_LOGITS, recorded_logits(plain_quantized, config, dtype))
     if manifest.fused is not None:
         # MatMulNBits quantizes its activations (accuracy_level 4): two graphs whose activations differ by float
         # rounding can differ by a quantization step. The fused graph must stay within the quantization's own
@@ -127,6 +144,7 @@ def add_quantization(
         "bits": bits,
         "block_size": None if quantization == DYNAMIC else block_size,
         **settings(quantization),
+        **({} if quantization == DYNAMIC else {"accuracy_level": level}),
         "graphs": counts,
         "accuracy": vars(accuracy),
         "recorded_logits": RECORDED_LOGITS,
