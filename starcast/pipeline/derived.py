@@ -81,7 +81,9 @@ def accuracy_level(folder: Path, manifest: Manifest, bits: int, block_size: int)
     float_bytes = sum(f.stat().st_size for f in folder.glob(weights_file(manifest.plain.model))) or plain.stat().st_size
     element = 2 if manifest.dtype == "fp16" else 4
     quantized = manifest.config.parameter_count() * (bits / 8 + element / block_size)
-    return 4 if quantized <= 0.25 * float_bytes + (256 << 20) else 0
+    # Measured: a prepacked 3B int4 session peaks at 1.45x the quantized bytes (benchmarks/RESULTS.md), beside
+    # the ~0.5 GiB the export's process holds anyway.
+    return 4 if 1.5 * quantized <= 0.25 * float_bytes + (512 << 20) else 0
 
 
 def add_quantization(
